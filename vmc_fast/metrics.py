@@ -349,7 +349,7 @@ class ClipScores:
 
 
 def clip_pixel_values(frames: torch.Tensor, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """(3, F, H, W) in [-1, 1] -> CLIP input (F, 3, S, S) float32: shorter side resized to S, centre crop, normalised."""
+    """(3, F, H, W) in [-1, 1] -> CLIP input (F, 3, S, S) float32: shorter side to S, centre crop, normalised."""
     images = _unit(frames).float().permute(1, 0, 2, 3)  # (F, 3, H, W)
     height, width = images.shape[-2:]
     factor = image_size / min(height, width)

@@ -427,7 +427,7 @@ class Clip:
 def captions(spec: ClipSpec) -> tuple[str, str]:
     """(caption, motion_caption) for a spec."""
     motion = f"a {spec.shape} {MOTION_PHRASES[spec.motion]}"
-    full = f"a {spec.colour} {spec.shape} {MOTION_PHRASES[spec.motion]} on {BACKGROUND_PHRASES[spec.background]} background"
+    full = f"a {spec.colour} {motion[2:]} on {BACKGROUND_PHRASES[spec.background]} background"
     return full, motion
 
 
@@ -452,15 +452,19 @@ def render_clip(spec: ClipSpec) -> Clip:
                 scale=size.float(), mask=mask, caption=caption, motion_caption=motion_caption)
 
 
-def inside_image(clip: Clip, margin: float = 0.0) -> torch.Tensor:
-    """(F,) bool: whether the object's bounding box lies inside the image (by `margin` pixels) in each frame."""
-    half_w, up, down = SHAPE_EXTENT[clip.spec.shape]
-    x, y, size = clip.track[:, 0], clip.track[:, 1], clip.scale
-    left, right = x - half_w * size, x + half_w * size
-    top, bottom = y - up * size, y + down * size
+def object_inside(shape: str, track: torch.Tensor, size: torch.Tensor, height: int, width: int,
+                  margin: float = 0.0) -> torch.Tensor:
+    """(F,) bool: whether the bounding box of a shape at track (F, 2) with size (F,) lies inside the image."""
+    half_w, up, down = SHAPE_EXTENT[shape]
+    x, y = track[:, 0], track[:, 1]
     # pixel j covers [j - 0.5, j + 0.5]
-    return ((left >= margin - 0.5) & (right <= clip.spec.width - 0.5 - margin)
-            & (top >= margin - 0.5) & (bottom <= clip.spec.height - 0.5 - margin))
+    return ((x - half_w * size >= margin - 0.5) & (x + half_w * size <= width - 0.5 - margin)
+            & (y - up * size >= margin - 0.5) & (y + down * size <= height - 0.5 - margin))
+
+
+def inside_image(clip: Clip, margin: float = 0.0) -> torch.Tensor:
+    """(F,) bool: whether the object lies wholly inside the image (by `margin` pixels) in each frame."""
+    return object_inside(clip.spec.shape, clip.track, clip.scale, clip.spec.height, clip.spec.width, margin)
 
 
 def sample_spec(
