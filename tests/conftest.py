@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny synthetic videos written to disk, and CPU-friendly defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def moving_square_frames(num_frames: int = 10, height: int = 32, width: int = 48, step: int = 3) -> np.ndarray:
+    """(F, H, W, 3) uint8: a white square moving right on a dark background."""
+    frames = np.full((num_frames, height, width, 3), 30, dtype=np.uint8)
+    for f in range(num_frames):
+        x = 2 + step * f
+        frames[f, 10:20, x: x + 10] = (250, 240, 60)
+    return frames
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
+    """Encode (F, H, W, 3) uint8 frames with PyAV (mp4/mov: mpeg4, webm: vp9 when available, gif: gif)."""
+    import av
+
+    codec = {".gif": "gif", ".webm": "libvpx-vp9"}.get(path.suffix, "mpeg4")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_frame_folder(folder: Path, frames: np.ndarray) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"{i:04d}.png")
+    return folder
+
+
+@pytest.fixture
+def square_video(tmp_path) -> Path:
+    return write_video(tmp_path / "square.mp4", moving_square_frames())
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # Prompt-embedding cache per test, so tests never see each other's files.
+    monkeypatch.setenv("VMC_FAST_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,119 @@
+"""Training on the tiny random backbone: what changes, what must not, and whether the loss falls."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from vmc_fast.adapters import apply_adapter, base_fingerprint, read_adapter
+from vmc_fast.config import DataConfig, RunConfig, TrainConfig
+from vmc_fast.errors import VmcError
+from vmc_fast.models import load_backbone
+from vmc_fast.session import TuningSession
+from vmc_fast.surgery import prepare_for_motion_tuning, temporal_qkv_parameters
+from vmc_fast.trainer import vmc_loss
+
+
+def _cfg(video, tmp_path, **train):
+    return RunConfig(data=DataConfig(videos=str(video)), train=TrainConfig(**{"steps": 3, **train}),
+                     prompt="a square moving right", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+
+
+def test_surgery_unfreezes_exactly_temporal_qkv():
+    unet = load_backbone("tiny-random").unet
+    report = prepare_for_motion_tuning(unet)
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable == [n for n, _ in temporal_qkv_parameters(unet)]
+    assert len(trainable) == report.num_tensors == 24  # 4 temporal layers x attn1/attn2 x q/k/v
+    assert all("temp_attentions" in n and n.split(".")[-2] in ("to_q", "to_k", "to_v") for n in trainable)
+    assert report.num_trainable == sum(p.numel() for n, p in unet.named_parameters() if p.requires_grad)
+
+
+def test_surgery_without_a_match_fails_clearly():
+    with pytest.raises(VmcError, match="no parameter name matches"):
+        prepare_for_motion_tuning(load_backbone("tiny-random").unet, pattern=r"does_not_exist")
+
+
+def test_only_qkv_change_and_frozen_weights_stay_bit_identical(square_video, tmp_path):
+    session = TuningSession(_cfg(square_video, tmp_path, learning_rate=1e-3))
+    before = {n: p.detach().clone() for n, p in session.backbone.unet.named_parameters()}
+    embeds = session.prompt_embeddings(["a square moving right"])
+    session.tune_video(square_video, "a square moving right", embeds["a square moving right"],
+                       tmp_path / "a.safetensors")
+    for name, param in session.backbone.unet.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        assert changed == param.requires_grad, name
+        assert param.dtype == torch.float32
+
+
+def test_loss_falls_on_a_fixed_clip(square_video, tmp_path):
+    session = TuningSession(_cfg(square_video, tmp_path, steps=25, learning_rate=2e-3))
+    prompt = "a square moving right"
+    states = session.prompt_embeddings([prompt])[prompt].unsqueeze(0)
+    clip = session.load_input(square_video)
+    g = torch.Generator().manual_seed(123)
+    probes = [(torch.randint(100, 900, (1,), generator=g), torch.randn(clip.shape, generator=g)) for _ in range(6)]
+    abar = session.backbone.noise_scheduler.alphas_cumprod.float()
+    unet, cfg = session.backbone.unet, session.cfg.train
+
+    def held_out_loss():
+        with torch.no_grad():
+            return sum(float(vmc_loss(unet, clip, n, t, abar, states, cfg)) for t, n in probes) / len(probes)
+
+    before = held_out_loss()
+    session.tune_video(square_video, prompt, states[0], tmp_path / "a.safetensors")
+    after = held_out_loss()
+    assert after < before - 0.01, (before, after)
+
+
+def test_training_is_deterministic_and_resets_between_videos(square_video, tmp_path):
+    prompt = "a square moving right"
+    first = TuningSession(_cfg(square_video, tmp_path, learning_rate=1e-3))
+    states = first.prompt_embeddings([prompt])[prompt]
+    a = first.tune_video(square_video, prompt, states, tmp_path / "a.safetensors")
+    b = first.tune_video(square_video, prompt, states, tmp_path / "b.safetensors")  # same session, reset
+    tensors_a, _ = read_adapter(a.adapter)
+    tensors_b, _ = read_adapter(b.adapter)
+    assert a.result.losses == b.result.losses
+    assert all(torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+
+
+def test_adapter_round_trip_and_refusal_for_another_base(square_video, tmp_path):
+    session = TuningSession(_cfg(square_video, tmp_path, learning_rate=1e-3))
+    prompt = "a square moving right"
+    done = session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                              tmp_path / "a.safetensors")
+    tensors, info = read_adapter(done.adapter)
+    unet = session.backbone.unet
+    assert set(tensors) == {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert set(tensors) <= set(unet.state_dict())
+    assert info.prompt == prompt and info.steps == 3 and info.base_model == "tiny-random"
+    assert (info.num_frames, info.height, info.width, info.loss) == (8, 32, 32, "cos")
+
+    fresh = load_backbone("tiny-random").unet
+    assert base_fingerprint(fresh, set(tensors)) == session.fingerprint
+    apply_adapter(fresh, done.adapter)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in tensors.items())
+
+    other = load_backbone("tiny-random").unet
+    with torch.no_grad():
+        other.conv_in.weight.add_(0.5)  # same architecture, different base weights
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(VmcError, match="was made for base model tiny-random"):
+        apply_adapter(other, done.adapter)
+    assert all(torch.equal(before[k], other.state_dict()[k]) for k in tensors)  # refused: nothing copied
+
+
+def test_adapter_for_another_architecture_is_refused(tmp_path):
+    from diffusers import UNet3DConditionModel
+
+    from vmc_fast.adapters import save_adapter
+    from vmc_fast.models.diffusers_unet3d import TINY_UNET_CONFIG
+
+    bigger = UNet3DConditionModel(**{**TINY_UNET_CONFIG, "block_out_channels": (64, 64)})
+    prepare_for_motion_tuning(bigger)
+    tensors = {n: p for n, p in bigger.named_parameters() if p.requires_grad}
+    path = save_adapter(tmp_path / "x.safetensors", tensors, base_model="other", fingerprint="f", prompt="p",
+                        steps=1, final_loss=0.0, loss="cos", num_frames=8, height=32, width=32)
+    with pytest.raises(VmcError, match="mis-shaped"):
+        apply_adapter(load_backbone("tiny-random").unet, path)

@@ -1,0 +1,144 @@
+"""The `vmc-fast` command line: parse, build the config, call one library function, render with rich."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from vmc_fast.errors import VmcError
+
+app = typer.Typer(
+    name="vmc-fast",
+    help="Teach a text-to-video diffusion model a motion from one short video (VMC), fast and in little memory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+TRAIN_EXAMPLES = """
+Examples:
+
+  vmc-fast train                                   # built-in example clip on the tiny built-in model
+
+  vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --model cerspense/zeroscope_v2_576w
+
+  vmc-fast train --videos clips/ --gpus 4 --out library/   # one adapter per video, resumable
+
+  vmc-fast train --videos clips/ --derive-prompt           # captions in clips/NAME.txt made motion-only
+"""
+
+
+def _fail(message: str, console: Console) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@app.command(epilog=TRAIN_EXAMPLES)
+def train(
+    videos: Optional[Path] = typer.Option(None, "--videos", help="Video file (mp4/webm/mov/gif), frame folder, or "
+                                          "folder of those. Default: the built-in example clip."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt for videos without their own NAME.txt / prompts.yaml."),
+    derive_prompt: bool = typer.Option(False, "--derive-prompt", help="Make prompts appearance-invariant by "
+                                       "dropping place phrases ('a bird flying above a lake' -> 'a bird flying')."),
+    out: Path = typer.Option(Path("vmc-out"), "--out", help="Output folder: adapters/, manifest.jsonl, config.json."),
+    model: str = typer.Option("tiny-random", "--model", help="Built-in name, hub id or local folder."),
+    steps: int = typer.Option(400, help="Optimizer steps per video (paper: 400)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    gpus: int = typer.Option(1, "--gpus", help="Ranks (GPUs; CPU ranks with gloo when there is no CUDA)."),
+    strategy: str = typer.Option("auto", help="videos: one rank per video; zero: DeepSpeed ZeRO on one video."),
+    zero_stage: int = typer.Option(2, help="DeepSpeed ZeRO stage for --strategy zero."),
+    loss: str = typer.Option("cos", help="cos | l2 | cos-frames-abs | eps-mse."),
+    loss_stride: int = typer.Option(1, help="Frame offset of the noise residuals."),
+    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
+    optimizer: str = typer.Option("adamw", help="adamw | adamw8bit."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames per clip (default: the model's)."),
+    frame_stride: int = typer.Option(1, help="Take every k-th frame."),
+    start_frame: int = typer.Option(0, help="First frame to take."),
+    height: Optional[int] = typer.Option(None, help="Frame height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Frame width (default: the model's)."),
+    resize: str = typer.Option("crop", help="crop (keep aspect) | squash (the paper's code)."),
+    reverse: bool = typer.Option(False, "--reverse", help="Play the clip backwards."),
+    checkpointing: bool = typer.Option(False, "--checkpointing", help="Gradient checkpointing."),
+    trainable: Optional[str] = typer.Option(None, help="Regex of tuned parameter names (default: temporal Q/K/V)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (progress to stderr)."),
+) -> None:
+    """Tune one motion adapter per video."""
+    console = Console(stderr=json_output)
+    try:
+        cfg = _train_config(locals())
+        if cfg.data.videos == "":
+            from vmc_fast.examples import default_example
+
+            cfg.data.videos, default_prompt = default_example(Path(cfg.out_dir) / "example")
+            cfg.prompt = cfg.prompt or default_prompt
+        summary = _run_train(cfg, console, json_output)
+    except (VmcError, ValueError) as exc:
+        _fail(str(exc), console)
+    if json_output:
+        from vmc_fast.reporting import summary_json
+
+        print(summary_json(summary))
+    if not summary.ok:
+        raise typer.Exit(code=1)
+
+
+def _train_config(args: dict):
+    from vmc_fast.config import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+    from vmc_fast.surgery import DEFAULT_TRAINABLE_PATTERN
+
+    return RunConfig(
+        data=DataConfig(videos=str(args["videos"] or ""), num_frames=args["frames"],
+                        frame_stride=args["frame_stride"], start_frame=args["start_frame"], height=args["height"],
+                        width=args["width"], resize=args["resize"], reverse=args["reverse"]),
+        model=ModelConfig(model_id=args["model"], trainable_pattern=args["trainable"] or DEFAULT_TRAINABLE_PATTERN,
+                          gradient_checkpointing=args["checkpointing"]),
+        train=TrainConfig(steps=args["steps"], learning_rate=args["lr"], loss=args["loss"],
+                          loss_stride=args["loss_stride"], seed=args["seed"], precision=args["precision"],
+                          optimizer=args["optimizer"]),
+        parallel=ParallelConfig(num_ranks=args["gpus"], strategy=args["strategy"], zero_stage=args["zero_stage"]),
+        prompt=args["prompt"], derive_prompt=args["derive_prompt"], out_dir=str(args["out"]),
+    )
+
+
+def _run_train(cfg, console: Console, json_output: bool):
+    from vmc_fast.parallel import train
+    from vmc_fast.reporting import RichReporter
+
+    reporter = RichReporter(console)
+    try:
+        summary = train(cfg, reporter)
+    finally:
+        reporter.progress.stop()
+    reporter.finish(summary)
+    return summary
+
+
+@app.command()
+def library(out: Path = typer.Argument(Path("vmc-out"), help="A training output folder.")) -> None:
+    """Show the state of a tuning run (its manifest.jsonl): done, failed and pending videos."""
+    from vmc_fast.library import Manifest, RunSummary
+    from vmc_fast.reporting import summary_table
+
+    console = Console()
+    if not (out / "manifest.jsonl").is_file():
+        _fail(f"{out}: no manifest.jsonl; pass the --out folder of a `vmc-fast train` run", console)
+    summary = RunSummary(out_dir=out, entries=list(Manifest(out).read().values()))
+    console.print(summary_table(summary))
+    console.print(", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted; finished adapters are kept, rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""diffusers `UNet3DConditionModel` backbones (ModelScope / ZeroScope layout) and the `tiny-random` test model.
+
+Repository layout read by `load_pretrained`: ``unet/``, ``vae/``, ``text_encoder/`` (CLIP), ``tokenizer/``,
+``scheduler/``. Everything is loaded with diffusers/transformers ``from_pretrained``; no code from the folder runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vmc_fast.errors import VmcError
+from vmc_fast.models.registry import Backbone, LoadOptions, register, register_family
+
+TINY_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=32,  # the temporal conv layers hard-code 32 groups, so channels are multiples of 32
+    cross_attention_dim=32,
+    attention_head_dim=8,
+)
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(16, 32),
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=32,
+)
+TINY_TEXT_CONFIG = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+)
+TINY_SEED = 20231201
+
+
+def is_diffusers_unet3d(unet_config: dict) -> bool:
+    """ModelScope/ZeroScope UNet3D configs; Show-1 configs carry Show-1-only keys and are excluded."""
+    show1_keys = {"encoder_hid_dim_type", "transfromer_in_opt", "addition_embed_type"}
+    return unet_config.get("_class_name") == "UNet3DConditionModel" and not show1_keys & unet_config.keys()
+
+
+def load_pretrained(model_id: str, unet_config: dict, options: LoadOptions) -> Backbone:
+    """Load a diffusers text-to-video repository (hub id or local folder) as a latent-space Backbone."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
+
+    try:
+        unet = UNet3DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=options.dtype)
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=options.dtype)
+        scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise VmcError(f"model {model_id!r}: could not load unet/vae/scheduler ({exc}); check that the folder "
+                       f"or hub repository has the ModelScope layout") from exc
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    sample = int(unet.config.sample_size or 32) * vae_scale
+    return Backbone(
+        model_id=model_id,
+        family="diffusers-unet3d",
+        unet=unet.to(options.device).eval(),
+        vae=vae.to(options.device).eval(),
+        vae_scaling_factor=float(vae.config.scaling_factor),
+        noise_scheduler=scheduler,
+        load_text_encoder=lambda: ClipPromptEncoder.from_pretrained(model_id),
+        num_frames=8,
+        height=sample,
+        width=sample,
+    )
+
+
+class ClipPromptEncoder:
+    """CLIP text encoder + tokenizer: list of B prompts -> (B, 77, D) last hidden states, float32, on CPU."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval()
+
+    @classmethod
+    def from_pretrained(cls, model_id: str) -> "ClipPromptEncoder":
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
+        except (OSError, ValueError) as exc:
+            raise VmcError(f"model {model_id!r}: could not load tokenizer/text_encoder ({exc})") from exc
+        return cls(tokenizer, text_encoder)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        max_length = min(77, self.tokenizer.model_max_length)
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                return_tensors="pt")
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(tokens.input_ids.to(device)).last_hidden_state.float().cpu()
+
+
+# --------------------------------------------------------------------------------------------- tiny-random
+
+
+def build_tiny_random(options: LoadOptions) -> Backbone:
+    """A seeded tiny ModelScope-style latent model: 8 frames at 32x32 pixels -> 16x16 latents. No downloads."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
+
+    torch.manual_seed(TINY_SEED)
+    unet = UNet3DConditionModel(**TINY_UNET_CONFIG)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    return Backbone(
+        model_id="tiny-random",
+        family="diffusers-unet3d",
+        unet=place(unet, options),
+        vae=place(vae, options),
+        vae_scaling_factor=float(vae.config.scaling_factor),
+        noise_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                      beta_start=0.00085, beta_end=0.012, clip_sample=False),
+        load_text_encoder=_tiny_clip_encoder,
+        num_frames=8,
+        height=32,
+        width=32,
+    )
+
+
+def place(module: torch.nn.Module, options: LoadOptions) -> torch.nn.Module:
+    """Move to the device and frozen dtype, in eval mode.
+
+    Plain `nn.Module.to`: diffusers' override warns about fp32-only modules, which these models do not have.
+    """
+    return torch.nn.Module.to(module, options.device, options.dtype).eval()
+
+
+def _tiny_clip_encoder() -> ClipPromptEncoder:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(TINY_SEED + 1)
+    tokenizer = tiny_clip_tokenizer()
+    config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            **TINY_TEXT_CONFIG)
+    return ClipPromptEncoder(tokenizer, CLIPTextModel(config))
+
+
+def tiny_clip_tokenizer():
+    """A CLIP byte-level BPE tokenizer with no merges (one token per byte), built in memory."""
+    from transformers import CLIPTokenizer
+
+    symbols = [chr(b) if 33 <= b <= 126 else chr(256 + b) for b in range(256)]
+    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[])
+
+
+def save_tiny_pretrained(folder: str | Path) -> Path:
+    """Write the tiny-random model in the ModelScope repository layout (for tests of `load_pretrained`)."""
+    folder = Path(folder)
+    backbone = build_tiny_random(LoadOptions())
+    backbone.unet.save_pretrained(folder / "unet")
+    backbone.vae.save_pretrained(folder / "vae")
+    backbone.noise_scheduler.save_pretrained(folder / "scheduler")
+    encoder = backbone.load_text_encoder()
+    encoder.tokenizer.save_pretrained(folder / "tokenizer")
+    encoder.text_encoder.save_pretrained(folder / "text_encoder")
+    return folder
+
+
+register("tiny-random", build_tiny_random, "tiny random ModelScope-style latent UNet3D (tests and smoke runs)")
+register_family("diffusers-unet3d", is_diffusers_unet3d, load_pretrained)

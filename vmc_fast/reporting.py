@@ -1,0 +1,89 @@
+"""Rich rendering of a run: the config at start, a progress bar with loss, steps/s, ETA and peak memory, a summary."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vmc_fast.config import RunConfig
+from vmc_fast.library import Job, RunSummary
+from vmc_fast.trainer import StepStats
+
+
+def peak_memory_text() -> str:
+    """Peak accelerator memory allocated so far, or the process's peak RSS on the CPU."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB vRAM"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+
+
+class RichReporter:
+    """Draws one bar per video (steps) under one bar for the run (videos)."""
+
+    def __init__(self, console: Console, show_progress: bool = True):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[memory]}"),
+            console=console, disable=not show_progress, transient=False,
+        )
+        self._run_task = None
+        self._video_task = None
+
+    def run_started(self, cfg: RunConfig, jobs: list[Job], num_skipped: int) -> None:
+        self.console.print(f"[bold]vmc-fast train[/] config (saved to {cfg.out_dir}/config.json):")
+        self.console.print_json(cfg.to_json())
+        if num_skipped:
+            self.console.print(f"resuming: {num_skipped} video(s) already done, {len(jobs)} to tune")
+        for job in jobs:
+            if job.prompt and job.source_prompt != job.prompt:
+                self.console.print(f"prompt for {job.video.name}: [cyan]{job.prompt!r}[/] "
+                                   f"(derived from {job.source_prompt!r})")
+        self.progress.start()
+        self._run_task = self.progress.add_task("videos", total=len(jobs), loss="-", rate="", memory="")
+
+    def video_started(self, job: Job, index: int, total: int) -> None:
+        if self._video_task is not None:
+            self.progress.remove_task(self._video_task)
+        self._video_task = self.progress.add_task(job.video.name[:28], total=None, loss="-", rate="", memory="")
+
+    def step(self, stats: StepStats) -> None:
+        rate = stats.step / stats.seconds if stats.seconds > 0 else 0.0
+        self.progress.update(self._video_task, total=stats.num_steps, completed=stats.step,
+                             loss=f"{stats.loss:.4f}", rate=f"{rate:.2f} steps/s", memory=peak_memory_text())
+
+    def video_finished(self, job: Job, entry: dict) -> None:
+        self.progress.advance(self._run_task)
+        if entry["status"] == "failed":
+            self.progress.console.print(f"[red]failed[/] {job.video.name}: {entry['error']}")
+        else:
+            self.progress.console.print(f"[green]done[/] {job.video.name} -> {entry['adapter']} "
+                                        f"(final loss {entry['final_loss']:.4f}, {entry['seconds']:.1f} s)")
+
+    def finish(self, summary: RunSummary) -> None:
+        self.progress.stop()
+        self.console.print(summary_table(summary))
+
+
+def summary_table(summary: RunSummary) -> Table:
+    table = Table(title=f"vmc-fast: {summary.out_dir}/manifest.jsonl")
+    for column in ("video", "status", "final loss", "seconds", "adapter / error"):
+        table.add_column(column)
+    for e in summary.entries:
+        loss = f"{e['final_loss']:.4f}" if "final_loss" in e and e["status"] == "done" else ""
+        secs = f"{e['seconds']:.1f}" if "seconds" in e and e["status"] == "done" else ""
+        style = {"done": "green", "failed": "red"}.get(e["status"], "yellow")
+        table.add_row(e["video"], f"[{style}]{e['status']}[/]", loss, secs, e.get("adapter") or e.get("error", ""))
+    return table
+
+
+def summary_json(summary: RunSummary) -> str:
+    return json.dumps({"out_dir": str(summary.out_dir), "ok": summary.ok, "counts": summary.counts,
+                       "videos": summary.entries}, sort_keys=True)

@@ -1,0 +1,131 @@
+"""A tuning session: one backbone prepared once, then any number of videos tuned with it.
+
+Setup is a fixed sequence of named steps — load → surgery → checkpointing → optimizer step (plain or DeepSpeed).
+Between videos only the trainable tensors are reset (copied back from a snapshot), so nothing is rebuilt and
+frozen weights are never copied per video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vmc_fast.adapters import base_fingerprint, save_adapter
+from vmc_fast.config import RunConfig
+from vmc_fast.data import FrameSampling, load_clip
+from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
+from vmc_fast.prompts import cached_prompt_embeddings
+from vmc_fast.surgery import SurgeryReport, prepare_for_motion_tuning, trainable_state
+from vmc_fast.trainer import OptimizerStep, StepStats, TorchStep, TuneResult, resolve_precision, tune
+
+
+@dataclass
+class VideoResult:
+    """One tuned video."""
+
+    adapter: Path
+    """The written adapter file."""
+    result: TuneResult
+    """Losses and timing."""
+    peak_memory_bytes: int
+    """Peak accelerator memory allocated during tuning (0 on CPU)."""
+
+
+class TuningSession:
+    """Holds the prepared backbone; `tune_video` tunes one clip and writes its adapter."""
+
+    def __init__(self, cfg: RunConfig, device: str = "cpu",
+                 make_optimizer_step: Callable[[torch.nn.Module, list], OptimizerStep] | None = None,
+                 write_adapters: bool = True):
+        self.cfg = cfg
+        self.write_adapters = write_adapters
+        self.device = torch.device(device)
+        self.backbone = self._load()
+        self.surgery = self._surgery()
+        self._checkpointing()
+        self.params = [p for p in self.backbone.unet.parameters() if p.requires_grad]
+        trainable_names = {n for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
+        self.fingerprint = base_fingerprint(self.backbone.unet, exclude=trainable_names)
+        self._initial = [p.detach().clone() for p in self.params]
+        self._make_optimizer_step = make_optimizer_step or (lambda unet, params: TorchStep(params, cfg.train))
+        self.sampling = self._sampling()
+
+    # ------------------------------------------------------------------------------------------ setup steps
+
+    def _load(self) -> Backbone:
+        precision = resolve_precision(self.cfg.train.precision, self.device)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        return load_backbone(self.cfg.model.model_id, LoadOptions(dtype=dtype, device=str(self.device)))
+
+    def _surgery(self) -> SurgeryReport:
+        return prepare_for_motion_tuning(self.backbone.unet, self.cfg.model.trainable_pattern)
+
+    def _checkpointing(self) -> None:
+        if not self.cfg.model.gradient_checkpointing:
+            return
+        unet = self.backbone.unet
+        if not hasattr(unet, "enable_gradient_checkpointing"):
+            raise ValueError(f"--checkpointing: model {self.cfg.model.model_id} does not support it")
+        unet.enable_gradient_checkpointing()
+
+    def _sampling(self) -> FrameSampling:
+        data, bb = self.cfg.data, self.backbone
+        return FrameSampling(
+            num_frames=data.num_frames or bb.num_frames, height=data.height or bb.height,
+            width=data.width or bb.width, stride=data.frame_stride, start=data.start_frame,
+            resize=data.resize, reverse=data.reverse,
+        )
+
+    # ------------------------------------------------------------------------------------------ per video
+
+    def prompt_embeddings(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Embeddings of all prompts of a run, computed in one encoder session (then the encoder is freed)."""
+        return cached_prompt_embeddings(prompts, self._model_key(), self.cfg.cache_dir,
+                                        self.backbone.load_text_encoder)
+
+    def _model_key(self) -> str:
+        # A local folder is keyed by its absolute path so two folders with the same name do not collide.
+        model_id = self.cfg.model.model_id
+        folder = Path(model_id).expanduser()
+        return f"{self.backbone.family}:{folder.resolve() if folder.is_dir() else model_id}"
+
+    def load_input(self, video: Path) -> torch.Tensor:
+        """The video as the UNet's input: (1, C, F, h, w) on the session device, encoded once per video."""
+        pixels = load_clip(video, self.sampling).unsqueeze(0).to(self.device)
+        return self.backbone.encode_pixels(pixels).float()
+
+    def tune_video(self, video: Path, prompt: str, text_states: torch.Tensor, adapter_path: Path,
+                   on_step: Callable[[StepStats], None] | None = None) -> VideoResult:
+        """Reset the tuned tensors, tune on `video`, write the adapter atomically."""
+        clip = self.load_input(video)
+        self.reset_trainable()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        unet = self.backbone.unet
+        optimizer_step = self._make_optimizer_step(unet, self.params)
+        states = text_states.unsqueeze(0).to(self.device)
+        result = tune(unet, self.backbone.noise_scheduler.alphas_cumprod, clip, states, self.cfg.train,
+                      optimizer_step, on_step)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        if self.write_adapters:
+            self.save(adapter_path, prompt, result)
+        return VideoResult(adapter=adapter_path, result=result, peak_memory_bytes=peak)
+
+    def reset_trainable(self) -> None:
+        """Copy the base weights back into the tuned tensors (in place: compiled graphs stay valid)."""
+        with torch.no_grad():
+            for param, initial in zip(self.params, self._initial):
+                param.copy_(initial)
+
+    def save(self, path: Path, prompt: str, result: TuneResult) -> Path:
+        s = self.sampling
+        return save_adapter(
+            path, trainable_state(self.backbone.unet), base_model=self.cfg.model.model_id,
+            fingerprint=self.fingerprint, prompt=prompt, steps=self.cfg.train.steps,
+            final_loss=result.final_loss, loss=self.cfg.train.loss, num_frames=s.num_frames, height=s.height,
+            width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
+                                  "reverse": s.reverse, "family": self.backbone.family},
+        )
