@@ -131,6 +131,8 @@ def test_temporal_attention_backend_is_passed_through():
             m.backend = "math"
         math = unet(x, 10, text).sample
         torch.testing.assert_close(math, sdpa, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="divisible by 2"):
+            unet(torch.randn(1, 3, 4, 8, 9), 10, text)
         layers[0].backend = "no-such-kernel"
         with pytest.raises(ValueError, match="no-such-kernel"):
             unet(x, 10, text)
@@ -332,3 +334,38 @@ def test_base_arch_backbone_on_meta():
         states = pipe.RandomPromptEncoder(4096)(["a bird is flying", "a bird is flying", ""])
     assert states.shape == (3, 77, 4096)
     assert torch.equal(states[0], states[1]) and not torch.equal(states[0], states[2])
+
+
+def test_hub_id_is_served_through_hub_downloads(tmp_path, monkeypatch):
+    """A hub id goes through list_repo_files + hub_file (faked here from a local folder: no network in tests)."""
+    import huggingface_hub
+
+    repo = tmp_path / "repo"
+    unet = _small_unet(seed=5)
+    pipe.save_show1_pretrained(repo, unet, scheduler=pipe.show1_scheduler(), variant="fp16", safe_serialization=False)
+    files = [str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()]
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **_: files)
+    monkeypatch.setattr(pipe, "hub_file", lambda repo_id, rel: fetched.append(rel) or str(repo / rel))
+    loaded = pipe.load_show1_unet("someorg/show-1-fake", LoadOptions(dtype=torch.float16))
+    assert fetched == ["unet/config.json", "unet/diffusion_pytorch_model.fp16.bin"]
+    assert torch.equal(loaded.conv_in.weight, unet.conv_in.weight.half())
+    assert pipe.load_show1_scheduler("someorg/show-1-fake").config.variance_type == "learned_range"
+
+    def offline(repo_id, **_):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    with pytest.raises(VmcError, match="could not list the hub repository"):
+        pipe.load_show1_unet("someorg/other", config=Show1Config().to_dict())
+
+
+def test_8bit_text_encoder_falls_back_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    tokenizer = pipe.build_tiny_tokenizer()
+    pipe.save_show1_pretrained(tmp_path, _small_unet(), text_encoder=pipe.build_tiny_text_encoder(len(tokenizer)),
+                               tokenizer=tokenizer)
+    with pytest.warns(UserWarning, match="8-bit"):
+        encode = pipe.load_show1_text_encoder(str(tmp_path), load_in_8bit=True)
+    assert encode(["a dog is running"]).shape == (1, 77, 32)

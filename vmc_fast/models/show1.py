@@ -671,7 +671,11 @@ class Show1UNet3D(nn.Module):
                 encoder_hidden_states: torch.Tensor, return_dict: bool = True) -> Show1UNetOutput | tuple:
         """sample (B, C_in, F, H, W), timestep (B,) or scalar, encoder_hidden_states (B, L, D)
         -> Show1UNetOutput(sample (B, C_out, F, H, W)) in the model's dtype (or a 1-tuple if not return_dict)."""
-        batch, _, num_frames = sample.shape[:3]
+        batch, _, num_frames, height, width = sample.shape
+        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        if height % factor or width % factor:
+            # The resampling ResNets always halve/double, so other sizes fail deep inside with a shape error.
+            raise ValueError(f"Show-1 UNet: height and width must be divisible by {factor}, got {height}x{width}")
         # Inputs are cast to the weights' dtype: callers keep fp32 pixels and cached prompt states.
         text = encoder_hidden_states.to(self.dtype)
         emb, context = self._conditioning(timestep, text, batch)
