@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# `python -m pytest` puts the repository root on sys.path, which would make our kernels/ folder importable as a
+# top-level `kernels` package (a name Hugging Face owns). The project is installed (pip install -e .), so the
+# root is not needed: drop it and import vmc_fast.kernels the installed way.
+_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path[:] = [p for p in sys.path if p not in ("", ".", _ROOT)]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -230,6 +230,11 @@ def train_videos(cfg: RunConfig, reporter: Reporter | None = None, *, device: st
     todo = pending_jobs(jobs, manifest)
     if rank == 0:
         mark_pending(todo, manifest)
+    if world_size > 1:
+        # Every rank must split the same list: none may start (and finish a video) before all have read it.
+        import torch.distributed as dist
+
+        dist.barrier()
     mine = todo[rank::world_size] if shard else todo
     reporter.run_started(cfg, mine, len(jobs) - len(todo))
     if mine:

@@ -1,0 +1,111 @@
+"""The command line: an end-to-end run in a subprocess, resuming, and one clear error for each bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import moving_square_frames, write_video
+from vmc_fast.cli import app
+
+runner = CliRunner()
+
+
+def _adapters(out: Path) -> list[Path]:
+    return sorted((out / "adapters").glob("*.safetensors")) if (out / "adapters").is_dir() else []
+
+
+def test_train_end_to_end_in_a_subprocess(square_video, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "VMC_FAST_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "vmc_fast.cli", "train", "--videos", str(square_video), "--prompt",
+         "a square moving right", "--out", str(out), "--steps", "2", "--json"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["counts"] == {"done": 1}
+    [entry] = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert entry["status"] == "done" and Path(entry["adapter"]).is_file() and entry["steps"] == 2
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 2
+    assert "ETA" in result.stderr and "loss" in result.stderr  # the progress display went to stderr
+
+
+def test_library_run_survives_a_bad_video_and_resumes(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "good.mp4", moving_square_frames())
+    (videos / "good.txt").write_text("a square moving right")
+    (videos / "broken.mp4").write_text("not a video")
+    (videos / "broken.txt").write_text("a square moving right")
+    write_video(videos / "noprompt.mp4", moving_square_frames())
+    out = tmp_path / "out"
+    args = ["train", "--videos", str(videos), "--out", str(out), "--steps", "1"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 1, first.output
+    entries = {Path(e["video"]).name: e for e in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert entries["good.mp4"]["status"] == "done"
+    assert entries["broken.mp4"]["status"] == "failed" and "cannot be decoded" in entries["broken.mp4"]["error"]
+    assert entries["noprompt.mp4"]["status"] == "failed" and "no prompt" in entries["noprompt.mp4"]["error"]
+    assert [p.name for p in _adapters(out)] == ["good.safetensors"]
+
+    good_adapter = out / "adapters" / "good.safetensors"
+    stamp = good_adapter.stat().st_mtime_ns
+    (videos / "noprompt.txt").write_text("a square moving right")
+    (videos / "broken.mp4").unlink()
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "1 video(s) already done" in second.output
+    assert good_adapter.stat().st_mtime_ns == stamp  # done work is never redone
+    assert [p.name for p in _adapters(out)] == ["good.safetensors", "noprompt.safetensors"]
+
+
+def _bad_inputs(tmp_path: Path, video: Path) -> dict:
+    fake = tmp_path / "fake.mp4"
+    fake.write_text("hello")
+    short = write_video(tmp_path / "short.mp4", moving_square_frames(num_frames=4))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    locked = tmp_path / "locked"
+    locked.write_text("a file where the output folder should be")
+    p = ["--prompt", "a square moving"]
+    return {
+        "text file named .mp4": (["--videos", str(fake), *p], "fake.mp4: cannot be decoded"),
+        "too few frames": (["--videos", str(short), *p], "has 4 frames but 8 are needed"),
+        "missing video": (["--videos", str(tmp_path / "nope.mp4"), *p], "no such file or folder"),
+        "empty folder": (["--videos", str(empty), *p], "holds no videos"),
+        "missing prompt": (["--videos", str(video)], "no prompt; pass --prompt"),
+        "unknown model": (["--videos", str(video), *p, "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        "missing model folder": (["--videos", str(video), *p, "--model", "./nope/"], "no such folder"),
+        "output not writable": (["--videos", str(video), *p, "--out", str(locked / "sub")], "not writable"),
+        "steps": (["--videos", str(video), *p, "--steps", "0"], "--steps: must be between"),
+        "loss": (["--videos", str(video), *p, "--loss", "mse"], "--loss: must be one of"),
+        "lr": (["--videos", str(video), *p, "--lr", "-1"], "--lr: must be in"),
+        "frames": (["--videos", str(video), *p, "--frames", "1"], "--frames: must be between"),
+        "resize": (["--videos", str(video), *p, "--resize", "zoom"], "--resize: must be one of"),
+        "gpus": (["--videos", str(video), *p, "--gpus", "0"], "--gpus: must be between"),
+        "trainable regex": (["--videos", str(video), *p, "--trainable", "to_[q"], "not a valid regex"),
+        "nothing trainable": (["--videos", str(video), *p, "--trainable", "nothing_matches"],
+                              "no parameter name matches"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs(Path("/tmp"), Path("/tmp/x.mp4"))))
+def test_bad_input_gives_one_clear_error_and_no_adapter(case, square_video, tmp_path):
+    args, message = _bad_inputs(tmp_path, square_video)[case]
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, ["train", *args, "--steps" if "--steps" not in args else "--seed", "1"])
+    assert result.exit_code != 0
+    assert message in " ".join(result.output.split()), result.output
+    assert _adapters(tmp_path / "out") == []
+    assert not list(tmp_path.rglob("*.tmp"))  # nothing half-written
+
+
+def test_help_has_examples():
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0 and "Examples" in result.output and "--videos" in result.output
