@@ -94,7 +94,16 @@ def _bad_inputs(tmp_path: Path, video: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", list(_bad_inputs(Path("/tmp"), Path("/tmp/x.mp4"))))
+BAD_INPUTS = ["text file named .mp4", "too few frames", "missing video", "empty folder", "missing prompt",
+              "unknown model", "missing model folder", "output not writable", "steps", "loss", "lr", "frames",
+              "resize", "gpus", "trainable regex", "nothing trainable"]
+
+
+def test_every_bad_input_case_is_listed(tmp_path, square_video):
+    assert sorted(_bad_inputs(tmp_path, square_video)) == sorted(BAD_INPUTS)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_gives_one_clear_error_and_no_adapter(case, square_video, tmp_path):
     args, message = _bad_inputs(tmp_path, square_video)[case]
     if "--out" not in args:

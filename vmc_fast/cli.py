@@ -51,6 +51,8 @@ def train(
     gpus: int = typer.Option(1, "--gpus", help="Ranks (GPUs; CPU ranks with gloo when there is no CUDA)."),
     strategy: str = typer.Option("auto", help="videos: one rank per video; zero: DeepSpeed ZeRO on one video."),
     zero_stage: int = typer.Option(2, help="DeepSpeed ZeRO stage for --strategy zero."),
+    deepspeed_config: Optional[Path] = typer.Option(None, help="DeepSpeed JSON config to start from "
+                                                    "(see ds_configs/); our recipe's fields override it."),
     loss: str = typer.Option("cos", help="cos | l2 | cos-frames-abs | eps-mse."),
     loss_stride: int = typer.Option(1, help="Frame offset of the noise residuals."),
     lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate."),
@@ -100,7 +102,8 @@ def _train_config(args: dict):
         train=TrainConfig(steps=args["steps"], learning_rate=args["lr"], loss=args["loss"],
                           loss_stride=args["loss_stride"], seed=args["seed"], precision=args["precision"],
                           optimizer=args["optimizer"]),
-        parallel=ParallelConfig(num_ranks=args["gpus"], strategy=args["strategy"], zero_stage=args["zero_stage"]),
+        parallel=ParallelConfig(num_ranks=args["gpus"], strategy=args["strategy"], zero_stage=args["zero_stage"],
+                                deepspeed_config=str(args["deepspeed_config"]) if args["deepspeed_config"] else None),
         prompt=args["prompt"], derive_prompt=args["derive_prompt"], out_dir=str(args["out"]),
     )
 

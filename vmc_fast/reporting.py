@@ -6,7 +6,7 @@ import json
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from vmc_fast.config import RunConfig
@@ -29,9 +29,9 @@ class RichReporter:
     def __init__(self, console: Console, show_progress: bool = True):
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[memory]}"),
+            TextColumn("ETA"), TimeRemainingColumn(compact=True), TextColumn("{task.fields[memory]}"),
             console=console, disable=not show_progress, transient=False,
         )
         self._run_task = None
@@ -52,7 +52,7 @@ class RichReporter:
     def video_started(self, job: Job, index: int, total: int) -> None:
         if self._video_task is not None:
             self.progress.remove_task(self._video_task)
-        self._video_task = self.progress.add_task(job.video.name[:28], total=None, loss="-", rate="", memory="")
+        self._video_task = self.progress.add_task(job.video.name[:20], total=None, loss="-", rate="", memory="")
 
     def step(self, stats: StepStats) -> None:
         rate = stats.step / stats.seconds if stats.seconds > 0 else 0.0
