@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vmc_fast.adapters import apply_adapter, base_fingerprint, read_adapter
-from vmc_fast.config import DataConfig, RunConfig, TrainConfig
+from vmc_fast.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vmc_fast.errors import VmcError
 from vmc_fast.models import load_backbone
 from vmc_fast.session import TuningSession
@@ -14,9 +14,10 @@ from vmc_fast.surgery import prepare_for_motion_tuning, temporal_qkv_parameters
 from vmc_fast.trainer import vmc_loss
 
 
-def _cfg(video, tmp_path, **train):
+def _cfg(video, tmp_path, model="tiny-random", **train):
     return RunConfig(data=DataConfig(videos=str(video)), train=TrainConfig(**{"steps": 3, **train}),
-                     prompt="a square moving right", out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+                     model=ModelConfig(model_id=model), prompt="a square moving right",
+                     out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
 
 
 def test_surgery_unfreezes_exactly_temporal_qkv():
@@ -34,8 +35,9 @@ def test_surgery_without_a_match_fails_clearly():
         prepare_for_motion_tuning(load_backbone("tiny-random").unet, pattern=r"does_not_exist")
 
 
-def test_only_qkv_change_and_frozen_weights_stay_bit_identical(square_video, tmp_path):
-    session = TuningSession(_cfg(square_video, tmp_path, learning_rate=1e-3))
+@pytest.mark.parametrize("model", ["tiny-random", "show1-tiny-random"])
+def test_only_qkv_change_and_frozen_weights_stay_bit_identical(square_video, tmp_path, model):
+    session = TuningSession(_cfg(square_video, tmp_path, model=model, learning_rate=1e-3))
     before = {n: p.detach().clone() for n, p in session.backbone.unet.named_parameters()}
     embeds = session.prompt_embeddings(["a square moving right"])
     session.tune_video(square_video, "a square moving right", embeds["a square moving right"],
@@ -46,8 +48,9 @@ def test_only_qkv_change_and_frozen_weights_stay_bit_identical(square_video, tmp
         assert param.dtype == torch.float32
 
 
-def test_loss_falls_on_a_fixed_clip(square_video, tmp_path):
-    session = TuningSession(_cfg(square_video, tmp_path, steps=25, learning_rate=2e-3))
+@pytest.mark.parametrize("model", ["tiny-random", "show1-tiny-random"])
+def test_loss_falls_on_a_fixed_clip(square_video, tmp_path, model):
+    session = TuningSession(_cfg(square_video, tmp_path, model=model, steps=25, learning_rate=2e-3))
     prompt = "a square moving right"
     states = session.prompt_embeddings([prompt])[prompt].unsqueeze(0)
     clip = session.load_input(square_video)
@@ -117,3 +120,22 @@ def test_adapter_for_another_architecture_is_refused(tmp_path):
                         steps=1, final_loss=0.0, loss="cos", num_frames=8, height=32, width=32)
     with pytest.raises(VmcError, match="mis-shaped"):
         apply_adapter(load_backbone("tiny-random").unet, path)
+
+
+def test_trains_a_show1_repository_folder(square_video, tmp_path):
+    """A Show-1 folder in the original layout is detected by the registry and trained end to end."""
+    from vmc_fast.models.show1_pipeline import build_tiny_random_backbone, save_show1_pretrained
+    from vmc_fast.models.registry import LoadOptions
+
+    tiny = build_tiny_random_backbone(LoadOptions())
+    encoder = tiny.load_text_encoder()
+    folder = save_show1_pretrained(tmp_path / "show1-folder", tiny.unet, scheduler=tiny.noise_scheduler,
+                                   text_encoder=encoder.encoder, tokenizer=encoder.tokenizer)
+    session = TuningSession(_cfg(square_video, tmp_path, model=str(folder)))
+    assert session.backbone.family == "show1" and session.surgery.num_tensors > 0
+    prompt = "a square moving right"
+    done = session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                              tmp_path / "a.safetensors")
+    tensors, info = read_adapter(done.adapter)
+    assert info.base_model == str(folder) and set(tensors) <= set(tiny.unet.state_dict())
+    apply_adapter(tiny.unet, done.adapter)  # same weights as the folder: accepted
