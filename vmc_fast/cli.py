@@ -20,15 +20,15 @@ app = typer.Typer(
 )
 
 TRAIN_EXAMPLES = """
-Examples:
-
-  vmc-fast train                                   # built-in example clip on the tiny built-in model
-
-  vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --model cerspense/zeroscope_v2_576w
-
-  vmc-fast train --videos clips/ --gpus 4 --out library/   # one adapter per video, resumable
-
-  vmc-fast train --videos clips/ --derive-prompt           # captions in clips/NAME.txt made motion-only
+Examples:\n
+  # the built-in example clip on the tiny built-in model\n
+  vmc-fast train\n
+  # one video, a local ZeroScope folder\n
+  vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --model ./zeroscope_v2_576w\n
+  # a library: one adapter per video, 4 GPUs, resumable\n
+  vmc-fast train --videos clips/ --gpus 4 --out library/\n
+  # captions in clips/NAME.txt made motion-only\n
+  vmc-fast train --videos clips/ --derive-prompt
 """
 
 
@@ -66,6 +66,10 @@ def train(
     resize: str = typer.Option("crop", help="crop (keep aspect) | squash (the paper's code)."),
     reverse: bool = typer.Option(False, "--reverse", help="Play the clip backwards."),
     checkpointing: bool = typer.Option(False, "--checkpointing", help="Gradient checkpointing."),
+    frozen_dtype: str = typer.Option("auto", help="Frozen weights: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | "
+                                     "int8 (8-bit linears + fp8 convs)."),
+    attention: str = typer.Option("sdpa", help="Temporal attention: sdpa | xformers | triton."),
+    compile_mode: str = typer.Option("off", "--compile", help="torch.compile: off | regional | full."),
     trainable: Optional[str] = typer.Option(None, help="Regex of tuned parameter names (default: temporal Q/K/V)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (progress to stderr)."),
 ) -> None:
@@ -98,7 +102,8 @@ def _train_config(args: dict):
                         frame_stride=args["frame_stride"], start_frame=args["start_frame"], height=args["height"],
                         width=args["width"], resize=args["resize"], reverse=args["reverse"]),
         model=ModelConfig(model_id=args["model"], trainable_pattern=args["trainable"] or DEFAULT_TRAINABLE_PATTERN,
-                          gradient_checkpointing=args["checkpointing"]),
+                          gradient_checkpointing=args["checkpointing"], frozen_dtype=args["frozen_dtype"],
+                          attention=args["attention"], compile=args["compile_mode"]),
         train=TrainConfig(steps=args["steps"], learning_rate=args["lr"], loss=args["loss"],
                           loss_stride=args["loss_stride"], seed=args["seed"], precision=args["precision"],
                           optimizer=args["optimizer"]),
@@ -133,6 +138,55 @@ def library(out: Path = typer.Argument(Path("vmc-out"), help="A training output 
     summary = RunSummary(out_dir=out, entries=list(Manifest(out).read().values()))
     console.print(summary_table(summary))
     console.print(", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())))
+
+
+BENCH_EXAMPLES = """
+Examples:\n
+  # the default presets side by side (Show-1 base architecture on a GPU, a tiny model on CPU)\n
+  vmc-fast bench\n
+  # two presets, 50 timed steps, machine-readable\n
+  vmc-fast bench --presets paper,fast --steps 50 --json
+"""
+
+
+@app.command(epilog=BENCH_EXAMPLES)
+def bench(
+    presets: str = typer.Option(",".join(("paper", "paper-t5", "paper+bf16", "fast-compile", "fast", "fast+int8")),
+                                help="Comma-separated presets: " + "paper, paper-t5, paper+bf16, paper-ckpt, "
+                                "paper+compile, fast, fast-compile, fast+ckpt, fast+int8, fast+triton."),
+    model: Optional[str] = typer.Option(None, help="Backbone (default: show1-base-arch on GPU, "
+                                        "show1-tiny-random on CPU)."),
+    steps: Optional[int] = typer.Option(None, help="Timed steps (default: 400 on GPU, 20 on CPU)."),
+    warmup: Optional[int] = typer.Option(None, help="Untimed warm-up steps (they include compilation)."),
+    results: Path = typer.Option(Path("benchmarks/results"), help="Folder for the JSON-lines records."),
+    json_output: bool = typer.Option(False, "--json", help="Print the records as JSON lines on stdout."),
+) -> None:
+    """Peak memory and wall-clock of training per preset, against the paper's 15 GB / 5 min."""
+    from vmc_fast.bench import default_options, run_presets
+    from vmc_fast.reporting import bench_table
+
+    console = Console(stderr=json_output)
+    options = default_options()
+    options.model_id = model or options.model_id
+    options.steps = steps if steps is not None else options.steps
+    options.warmup = warmup if warmup is not None else options.warmup
+    if options.steps < 1 or options.warmup < 0:
+        _fail("--steps must be at least 1 and --warmup 0 or more", console)
+    names = [n.strip() for n in presets.split(",") if n.strip()]
+    console.print(f"[bold]vmc-fast bench[/] {options.model_id} on {options.device}: {len(names)} presets, "
+                  f"{options.warmup} warm-up + {options.steps} timed steps each, one fresh process per preset")
+    try:
+        records = run_presets(names, options, results,
+                              on_result=lambda r: console.print(f"  {r['preset']['name']}: "
+                                                                f"{r['step_seconds'] * 1000:.1f} ms/step"))
+    except (VmcError, ValueError) as exc:
+        _fail(str(exc), console)
+    console.print(bench_table(records))
+    if json_output:
+        import json
+
+        for record in records:
+            print(json.dumps(record, sort_keys=True))
 
 
 def main() -> None:

@@ -15,9 +15,12 @@ from vmc_fast.losses import LOSS_KINDS
 from vmc_fast.surgery import DEFAULT_TRAINABLE_PATTERN
 
 RESIZE_MODES = ("crop", "squash")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 STRATEGIES = ("auto", "videos", "zero")
+FROZEN_DTYPES = ("auto", "fp32", "bf16", "int8")
+ATTENTION_BACKENDS = ("sdpa", "xformers", "triton")
+COMPILE_MODES = ("off", "regional", "full")
 
 
 def _check(condition: bool, field_name: str, message: str) -> None:
@@ -66,9 +69,19 @@ class ModelConfig:
     """Regex over parameter names selecting the tuned tensors."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, about a third more compute)."""
+    frozen_dtype: str = "auto"
+    """Storage of frozen weights: ``auto`` (bf16 on GPU, fp32 on CPU), fp32, bf16, or int8 (8-bit linears via
+    bitsandbytes, fp8 convolutions upcast per layer). Trainable Q/K/V always stay fp32."""
+    attention: str = "sdpa"
+    """Temporal attention backend: sdpa, xformers (CUDA, optional) or triton (kernels/)."""
+    compile: str = "off"
+    """torch.compile of the UNet: off, regional (repeated blocks) or full."""
 
     def __post_init__(self) -> None:
         _check(bool(self.model_id.strip()), "--model", "must not be empty")
+        _check(self.frozen_dtype in FROZEN_DTYPES, "--frozen-dtype", f"must be one of {', '.join(FROZEN_DTYPES)}")
+        _check(self.attention in ATTENTION_BACKENDS, "--attention", f"must be one of {', '.join(ATTENTION_BACKENDS)}")
+        _check(self.compile in COMPILE_MODES, "--compile", f"must be one of {', '.join(COMPILE_MODES)}")
         import re
 
         try:
@@ -104,7 +117,8 @@ class TrainConfig:
     seed: int = 0
     """Seeds noise, timesteps and everything random in a run."""
     precision: str = "auto"
-    """Compute precision: ``auto`` = bf16 autocast on GPU, fp32 on CPU."""
+    """Compute precision: ``auto`` = bf16 autocast on GPU, fp32 on CPU; ``fp16`` autocast is what the paper's
+    code used (kept for comparison; bf16 needs no loss scaling)."""
     timestep_range: tuple[int, int] | None = None
     """Sample t uniformly in [lo, hi); None = [0, T)."""
 

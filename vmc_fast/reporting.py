@@ -87,3 +87,28 @@ def summary_table(summary: RunSummary) -> Table:
 def summary_json(summary: RunSummary) -> str:
     return json.dumps({"out_dir": str(summary.out_dir), "ok": summary.ok, "counts": summary.counts,
                        "videos": summary.entries}, sort_keys=True)
+
+
+def bench_table(records: list[dict]) -> Table:
+    """One row per preset; on the CPU, ratios to the first preset stand in for absolute vRAM figures."""
+    first = records[0]
+    cuda = "peak_allocated_bytes" in first
+    table = Table(title=f"vmc-fast bench: {first['model']} {first['frames']}x{first['height']}x{first['width']}, "
+                        f"{first['device']['name']}")
+    columns = ["preset", "ms/step", "steps/s", "400 steps (s)", "compile (s)"]
+    columns += ["peak alloc (GiB)", "reserved (GiB)", "MFU", "vs 15 GB", "vs 300 s"] if cuda else \
+        ["peak RSS (GiB)", "time vs first", "RSS vs first"]
+    for column in columns + ["levers"]:
+        table.add_column(column, justify="left" if column in ("preset", "levers") else "right")
+    for r in records:
+        row = [r["preset"]["name"], f"{r['step_seconds'] * 1000:.1f}", f"{r['steps_per_second']:.2f}",
+               f"{r['total_seconds_400']:.1f}", f"{r['compile_seconds']:.1f}"]
+        if cuda:
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+            row += [f"{r['peak_allocated_bytes'] / 2**30:.2f}", f"{r['peak_reserved_bytes'] / 2**30:.2f}", mfu,
+                    f"{r['vs_paper_memory']:.2f}x", f"{r['vs_paper_time']:.3f}x"]
+        else:
+            row += [f"{r['peak_rss_bytes'] / 2**30:.2f}", f"{r['step_seconds'] / first['step_seconds']:.2f}x",
+                    f"{r['peak_rss_bytes'] / first['peak_rss_bytes']:.2f}x"]
+        table.add_row(*row, r["preset"]["about"])
+    return table

@@ -1,6 +1,7 @@
 """A tuning session: one backbone prepared once, then any number of videos tuned with it.
 
-Setup is a fixed sequence of named steps — load → surgery → checkpointing → optimizer step (plain or DeepSpeed).
+Setup is a fixed sequence of named steps — load → surgery → frozen precision → checkpointing → attention backend
+→ compile → optimizer step (plain or DeepSpeed, built per video).
 Between videos only the trainable tensors are reset (copied back from a snapshot), so nothing is rebuilt and
 frozen weights are never copied per video.
 """
@@ -45,10 +46,13 @@ class TuningSession:
         self.device = torch.device(device)
         self.backbone = self._load()
         self.surgery = self._surgery()
-        self._checkpointing()
-        self.params = [p for p in self.backbone.unet.parameters() if p.requires_grad]
         trainable_names = {n for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
-        self.fingerprint = base_fingerprint(self.backbone.unet, exclude=trainable_names)
+        self.fingerprint = base_fingerprint(self.backbone.unet, exclude=trainable_names)  # before any requantising
+        self.precision = self._frozen_precision()
+        self._checkpointing()
+        self._attention_backend()
+        self._compile()
+        self.params = [p for p in self.backbone.unet.parameters() if p.requires_grad]
         self._initial = [p.detach().clone() for p in self.params]
         self._make_optimizer_step = make_optimizer_step or (lambda unet, params: TorchStep(params, cfg.train))
         self.sampling = self._sampling()
@@ -56,9 +60,23 @@ class TuningSession:
     # ------------------------------------------------------------------------------------------ setup steps
 
     def _load(self) -> Backbone:
-        precision = resolve_precision(self.cfg.train.precision, self.device)
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if self.cfg.model.frozen_dtype in ("bf16", "int8") and self.compute_dtype == torch.float32:
+            raise ValueError(f"--frozen-dtype {self.cfg.model.frozen_dtype}: frozen weights below fp32 need a "
+                             f"low-precision compute dtype; pass --precision bf16 (slow on most CPUs)")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(self.cfg.model.frozen_dtype, self.compute_dtype)
         return load_backbone(self.cfg.model.model_id, LoadOptions(dtype=dtype, device=str(self.device)))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        precision = resolve_precision(self.cfg.train.precision, self.device)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+    def _frozen_precision(self):
+        if self.cfg.model.frozen_dtype != "int8":
+            return None  # fp32/bf16 storage was chosen at load time
+        from vmc_fast.precision import apply_frozen_precision
+
+        return apply_frozen_precision(self.backbone.unet, "int8", self.compute_dtype)
 
     def _surgery(self) -> SurgeryReport:
         return prepare_for_motion_tuning(self.backbone.unet, self.cfg.model.trainable_pattern)
@@ -70,6 +88,21 @@ class TuningSession:
         if not hasattr(unet, "enable_gradient_checkpointing"):
             raise ValueError(f"--checkpointing: model {self.cfg.model.model_id} does not support it")
         unet.enable_gradient_checkpointing()
+
+    def _attention_backend(self) -> None:
+        if self.cfg.model.attention == "sdpa":
+            return  # every backbone's default
+        from vmc_fast.models.attention import set_temporal_attention_backend
+
+        set_temporal_attention_backend(self.backbone.unet, self.cfg.model.attention)
+
+    def _compile(self) -> None:
+        # Compiled in place, once per session: later videos only copy weights, so the graphs are reused.
+        if self.cfg.model.compile == "off":
+            return
+        from vmc_fast.compile import compile_unet
+
+        self.backbone.unet = compile_unet(self.backbone.unet, mode=self.cfg.model.compile)
 
     def _sampling(self) -> FrameSampling:
         data, bb = self.cfg.data, self.backbone

@@ -131,10 +131,11 @@ def vmc_loss(unet: nn.Module, clip: torch.Tensor, noise: torch.Tensor, t: torch.
 
 
 def autocast(precision: str, device: torch.device):
-    """bf16 autocast when asked (or ``auto`` on CUDA); a no-op for fp32."""
-    if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16/fp16 autocast when asked (``auto``: bf16 on CUDA); a no-op for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

@@ -1,0 +1,54 @@
+"""`vmc-fast bench` on the CPU: a preset runs in a fresh process and leaves a valid JSON record."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vmc_fast.bench import PRESETS, BenchOptions, Preset, run_one, step_flops
+from vmc_fast.cli import app
+
+
+def test_flop_count_of_the_base_architecture_matches_the_reference():
+    # Forward FLOPs of Show-1 base at 8x40x64 are 5.235e12 (shared/reference, torch FlopCounterMode). A training
+    # step adds backward to the activations down to the first temporal attention and Q/K/V weight gradients.
+    forward = step_flops("show1-base-arch", 8, 40, 64, backward=False)
+    assert forward == pytest.approx(5.235e12, rel=1e-3)
+    step = step_flops("show1-base-arch", 8, 40, 64)
+    assert 1.8 * forward < step < 2.2 * forward
+
+
+def test_run_one_measures_a_cpu_preset():
+    preset = Preset("cpu-fp32", "fp32", "fp32", checkpointing=False, compile="off", about="test")
+    record = run_one(preset, BenchOptions("show1-tiny-random", steps=2, warmup=1, device="cpu"))
+    assert record["step_seconds"] > 0 and record["steps_per_second"] == pytest.approx(1 / record["step_seconds"])
+    assert record["train_seconds_400"] == pytest.approx(400 * record["step_seconds"])
+    assert record["flops_per_step"] > 0 and record["peak_rss_bytes"] > 0 and record["mfu"] is None
+    assert record["trainable_parameters"] > 0 and (record["frames"], record["height"]) == (8, 16)
+
+
+@pytest.mark.slow
+def test_bench_cli_writes_json_records(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--presets", "fast-compile", "--steps", "1", "--warmup", "0",
+                                      "--results", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    [line] = (tmp_path / "bench-cpu.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert record["preset"]["name"] == "fast-compile" and record["preset"]["frozen_dtype"] == "bf16"
+    for key in ("git_sha", "versions", "device", "date", "step_seconds", "total_seconds_400"):
+        assert key in record
+    assert record["versions"]["torch"].startswith("2.") and record["device"]["type"] == "cpu"
+
+
+def test_unknown_preset_is_named():
+    result = CliRunner().invoke(app, ["bench", "--presets", "paper,warp-speed"])
+    assert result.exit_code == 2 and "unknown warp-speed" in result.output
+
+
+def test_presets_change_one_lever_at_a_time():
+    paper, fast = PRESETS["paper"], PRESETS["fast"]
+    for name, preset in PRESETS.items():
+        base = paper if name.startswith("paper") else fast
+        changed = [f for f in ("frozen_dtype", "precision", "checkpointing", "compile", "attention", "optimizer",
+                               "text_encoder_resident") if getattr(preset, f) != getattr(base, f)]
+        assert len(changed) <= 2 or name in ("paper", "fast"), (name, changed)
