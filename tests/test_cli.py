@@ -63,6 +63,11 @@ def test_library_run_survives_a_bad_video_and_resumes(tmp_path):
     assert good_adapter.stat().st_mtime_ns == stamp  # done work is never redone
     assert [p.name for p in _adapters(out)] == ["good.safetensors", "noprompt.safetensors"]
 
+    status = runner.invoke(app, ["library", str(out)])
+    assert status.exit_code == 0 and "2 done, 1 failed" in status.output  # broken.mp4 keeps its failure on record
+    missing = runner.invoke(app, ["library", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no manifest.jsonl" in missing.output
+
 
 def _bad_inputs(tmp_path: Path, video: Path) -> dict:
     fake = tmp_path / "fake.mp4"
