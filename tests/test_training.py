@@ -139,3 +139,14 @@ def test_trains_a_show1_repository_folder(square_video, tmp_path):
     tensors, info = read_adapter(done.adapter)
     assert info.base_model == str(folder) and set(tensors) <= set(tiny.unet.state_dict())
     apply_adapter(tiny.unet, done.adapter)  # same weights as the folder: accepted
+
+
+def test_latents_are_encoded_once_and_cached_on_disk(square_video, tmp_path):
+    session = TuningSession(_cfg(square_video, tmp_path))
+    calls = []
+    encode = session.backbone.encode_pixels
+    session.backbone.encode_pixels = lambda pixels: calls.append(1) or encode(pixels)
+    first = session.load_input(square_video)
+    second = session.load_input(square_video)
+    assert len(calls) == 1 and torch.equal(first, second) and first.shape == (1, 4, 8, 16, 16)
+    assert len(list((tmp_path / "c" / "latents").glob("*.safetensors"))) == 1

@@ -8,13 +8,16 @@ frozen weights are never copied per video.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from vmc_fast.adapters import base_fingerprint, save_adapter
+from safetensors.torch import load_file
+
+from vmc_fast.adapters import atomic_save_file, base_fingerprint, save_adapter
 from vmc_fast.config import RunConfig
 from vmc_fast.data import FrameSampling, load_clip
 from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
@@ -126,9 +129,26 @@ class TuningSession:
         return f"{self.backbone.family}:{folder.resolve() if folder.is_dir() else model_id}"
 
     def load_input(self, video: Path) -> torch.Tensor:
-        """The video as the UNet's input: (1, C, F, h, w) on the session device, encoded once per video."""
+        """The video as the UNet's input: (1, C, F, h, w) float32 on the session device.
+
+        Latent models encode with their VAE once; the latents are cached on disk, keyed by model, file and sampling.
+        """
+        if self.backbone.vae is None:
+            return load_clip(video, self.sampling).unsqueeze(0).to(self.device)
+        cache = Path(self.cfg.cache_dir) / "latents" / f"{self._latent_key(video)}.safetensors"
+        if cache.is_file():
+            return load_file(cache)["latents"].to(self.device)
         pixels = load_clip(video, self.sampling).unsqueeze(0).to(self.device)
-        return self.backbone.encode_pixels(pixels).float()
+        latents = self.backbone.encode_pixels(pixels).float()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_file({"latents": latents.cpu().contiguous()}, cache, {"video": str(video)})
+        return latents
+
+    def _latent_key(self, video: Path) -> str:
+        stat = video.stat()
+        parts = [self._model_key(), self.fingerprint, str(video.resolve()), str(stat.st_size), str(stat.st_mtime_ns),
+                 repr(self.sampling)]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
     def tune_video(self, video: Path, prompt: str, text_states: torch.Tensor, adapter_path: Path,
                    on_step: Callable[[StepStats], None] | None = None) -> VideoResult:
