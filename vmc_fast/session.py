@@ -63,9 +63,9 @@ class TuningSession:
     # ------------------------------------------------------------------------------------------ setup steps
 
     def _load(self) -> Backbone:
-        if self.cfg.model.frozen_dtype in ("bf16", "int8") and self.compute_dtype == torch.float32:
-            raise ValueError(f"--frozen-dtype {self.cfg.model.frozen_dtype}: frozen weights below fp32 need a "
-                             f"low-precision compute dtype; pass --precision bf16 (slow on most CPUs)")
+        if self.cfg.model.frozen_dtype == "bf16" and self.compute_dtype == torch.float32:
+            raise ValueError("--frozen-dtype bf16: bf16 weights need bf16 compute; pass --precision bf16 "
+                             "(slow on most CPUs) or --frozen-dtype fp32")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(self.cfg.model.frozen_dtype, self.compute_dtype)
         return load_backbone(self.cfg.model.model_id, LoadOptions(dtype=dtype, device=str(self.device)))
 
