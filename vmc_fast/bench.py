@@ -73,8 +73,17 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     dataclasses.replace(FAST, name="fast+int8", frozen_dtype="int8", optimizer="adamw8bit",
                         about="fast, int8 linears + fp8 convs, 8-bit AdamW"),
     dataclasses.replace(FAST, name="fast+triton", attention="triton", about="fast, Triton temporal attention"),
+    dataclasses.replace(FAST, name="fast-compile+int8", compile="off", frozen_dtype="int8", optimizer="adamw8bit",
+                        about="fast eager, int8 linears + 8-bit convs, 8-bit AdamW"),
 )}
-DEFAULT_PRESETS = ("paper", "paper-t5", "paper+bf16", "fast-compile", "fast", "fast+int8")
+DEFAULT_PRESETS_GPU = ("paper", "paper-t5", "paper+bf16", "fast-compile", "fast", "fast+int8")
+# Inductor needs many minutes per preset on a 2-core CPU, so CPU defaults compare the eager levers.
+DEFAULT_PRESETS_CPU = ("paper", "paper-t5", "paper-ckpt", "paper+bf16", "fast-compile", "fast-compile+int8")
+
+
+def default_presets(device: str | None = None) -> tuple[str, ...]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return DEFAULT_PRESETS_GPU if device == "cuda" else DEFAULT_PRESETS_CPU
 
 
 @dataclass
@@ -97,7 +106,7 @@ def default_options(device: str | None = None) -> BenchOptions:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         return BenchOptions("show1-base-arch", steps=PAPER_STEPS, warmup=5, device=device)
-    return BenchOptions("show1-tiny-random", steps=20, warmup=3, device=device)
+    return BenchOptions("show1-tiny-random", steps=10, warmup=2, device=device)
 
 
 def run_presets(names: list[str], options: BenchOptions, results_dir: Path | None, on_result=None) -> list[dict]:

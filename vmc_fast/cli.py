@@ -151,18 +151,19 @@ Examples:\n
 
 @app.command(epilog=BENCH_EXAMPLES)
 def bench(
-    presets: str = typer.Option(",".join(("paper", "paper-t5", "paper+bf16", "fast-compile", "fast", "fast+int8")),
-                                help="Comma-separated presets: " + "paper, paper-t5, paper+bf16, paper-ckpt, "
-                                "paper+compile, fast, fast-compile, fast+ckpt, fast+int8, fast+triton."),
+    presets: Optional[str] = typer.Option(None, help="Comma-separated presets (default: paper, paper-t5, paper+bf16, "
+                                          "fast-compile, fast, fast+int8 on GPU; eager ones on CPU). All: paper, "
+                                          "paper-t5, paper+bf16, paper-ckpt, paper+compile, fast, fast-compile, "
+                                          "fast+ckpt, fast+int8, fast+triton, fast-compile+int8."),
     model: Optional[str] = typer.Option(None, help="Backbone (default: show1-base-arch on GPU, "
                                         "show1-tiny-random on CPU)."),
-    steps: Optional[int] = typer.Option(None, help="Timed steps (default: 400 on GPU, 20 on CPU)."),
+    steps: Optional[int] = typer.Option(None, help="Timed steps (default: 400 on GPU, 10 on CPU)."),
     warmup: Optional[int] = typer.Option(None, help="Untimed warm-up steps (they include compilation)."),
     results: Path = typer.Option(Path("benchmarks/results"), help="Folder for the JSON-lines records."),
     json_output: bool = typer.Option(False, "--json", help="Print the records as JSON lines on stdout."),
 ) -> None:
     """Peak memory and wall-clock of training per preset, against the paper's 15 GB / 5 min."""
-    from vmc_fast.bench import default_options, run_presets
+    from vmc_fast.bench import default_options, default_presets, run_presets
     from vmc_fast.reporting import bench_table
 
     console = Console(stderr=json_output)
@@ -172,7 +173,7 @@ def bench(
     options.warmup = warmup if warmup is not None else options.warmup
     if options.steps < 1 or options.warmup < 0:
         _fail("--steps must be at least 1 and --warmup 0 or more", console)
-    names = [n.strip() for n in presets.split(",") if n.strip()]
+    names = [n.strip() for n in presets.split(",") if n.strip()] if presets else list(default_presets())
     console.print(f"[bold]vmc-fast bench[/] {options.model_id} on {options.device}: {len(names)} presets, "
                   f"{options.warmup} warm-up + {options.steps} timed steps each, one fresh process per preset")
     try:
