@@ -46,9 +46,11 @@ def test_unknown_preset_is_named():
 
 
 def test_presets_change_one_lever_at_a_time():
-    paper, fast = PRESETS["paper"], PRESETS["fast"]
     for name, preset in PRESETS.items():
-        base = paper if name.startswith("paper") else fast
+        # "fast-compile+int8" is fast-compile plus one lever; "paper-t5" is paper minus one.
+        parent = name.rsplit("+", 1)[0] if "+" in name else name.split("-")[0]
+        base = PRESETS[parent]
         changed = [f for f in ("frozen_dtype", "precision", "checkpointing", "compile", "attention", "optimizer",
                                "text_encoder_resident") if getattr(preset, f) != getattr(base, f)]
-        assert len(changed) <= 2 or name in ("paper", "fast"), (name, changed)
+        # int8 frozen weights travel with the 8-bit optimizer: the only pair counted as one lever.
+        assert len(set(changed) - {"optimizer"}) <= 1 or name in ("paper", "fast"), (name, changed)
