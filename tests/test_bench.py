@@ -52,5 +52,6 @@ def test_presets_change_one_lever_at_a_time():
         base = PRESETS[parent]
         changed = [f for f in ("frozen_dtype", "precision", "checkpointing", "compile", "attention", "optimizer",
                                "text_encoder_resident") if getattr(preset, f) != getattr(base, f)]
-        # int8 frozen weights travel with the 8-bit optimizer: the only pair counted as one lever.
-        assert len(set(changed) - {"optimizer"}) <= 1 or name in ("paper", "fast"), (name, changed)
+        # A frozen-weight dtype travels with its compute dtype (bf16) or the 8-bit optimizer (int8): one lever.
+        levers = set(changed) - ({"optimizer", "precision"} if "frozen_dtype" in changed else set())
+        assert len(levers) <= 1 or name in ("paper", "fast"), (name, changed)
