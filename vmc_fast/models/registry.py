@@ -176,10 +176,4 @@ def _looks_like_hub_id(model_id: str) -> bool:
 
 def _import_backbones() -> None:
     """Import the backbone modules so that they register themselves (kept lazy: they import diffusers)."""
-    from vmc_fast.models import diffusers_unet3d  # noqa: F401
-
-    try:
-        from vmc_fast.models import show1  # noqa: F401
-    except ImportError as exc:  # only while the module does not exist yet
-        if "show1" not in str(exc):
-            raise
+    from vmc_fast.models import diffusers_unet3d, show1, toy  # noqa: F401
