@@ -215,4 +215,4 @@ def load_toy_backbone(options: LoadOptions) -> Backbone:
 
 
 register("toy", load_toy_backbone,
-         "small Show-1-family model pretrained on the toy world (shipped weights, CPU friendly; the default)")
+         "small Show-1-family model pretrained on the toy world (shipped weights; see vmc_fast/assets/toy/README.md)")
