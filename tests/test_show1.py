@@ -85,6 +85,27 @@ def test_interpolation_style_config_same_class():
     assert set(wider.state_dict()) == set(unet.state_dict())
 
 
+def test_super_resolution_style_config_takes_noise_level_labels():
+    """IF-II/Show-1 SR stages condition on the noise level of their low-resolution input (class_embed_type)."""
+    config = {**pipe.tiny_show1_unet_config(), "in_channels": 6, "class_embed_type": "timestep"}
+    unet = Show1UNet3D.from_config(config).eval()
+    temb = unet.time_embedding.linear_2.out_features
+    c0 = unet.config.block_out_channels[0]
+    assert unet.state_dict()["class_embedding.linear_1.weight"].shape == (temb, c0)
+    assert unet.state_dict()["class_embedding.linear_2.weight"].shape == (temb, temb)
+    keys = list(unet.state_dict())
+    assert keys.index("class_embedding.linear_1.weight") < keys.index("add_embedding.norm1.weight") \
+        if "add_embedding.norm1.weight" in keys else True
+    sample = torch.randn(1, 6, 2, 16, 16)
+    text = torch.randn(1, 5, unet.config.encoder_hid_dim)
+    with torch.no_grad():
+        low = unet(sample, 10, text, class_labels=torch.tensor([20])).sample
+        high = unet(sample, 10, text, class_labels=torch.tensor([250])).sample
+    assert low.shape == (1, 6, 2, 16, 16) and not torch.allclose(low, high)
+    with pytest.raises(ValueError, match="needs class_labels"):
+        unet(sample, 10, text)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Numerical equality with the original code
 

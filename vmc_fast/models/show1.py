@@ -162,7 +162,7 @@ _ALLOWED_VALUES: dict[str, tuple] = {
     "time_embedding_type": ("positional",),
     "mid_block_type": ("UNetMidBlock3DSimpleCrossAttn",),
     "transfromer_in_opt": (False,),
-    "class_embed_type": (None,),
+    "class_embed_type": (None, "timestep"),  # "timestep": noise-level labels of the super-resolution stages
     "class_embeddings_concat": (False,),
     "num_class_embeds": (None,),
     "projection_class_embeddings_input_dim": (None,),
@@ -592,6 +592,8 @@ class Show1UNet3D(nn.Module):
         self.time_embedding = TimeEmbedding(channels[0], temb_channels, config.act_fn)
         self.encoder_hid_proj = (nn.Linear(config.encoder_hid_dim, config.cross_attention_dim)
                                  if config.encoder_hid_dim_type == "text_proj" else None)
+        self.class_embedding = (TimeEmbedding(channels[0], temb_channels, config.act_fn)
+                                if config.class_embed_type == "timestep" else None)
         text_dim = config.encoder_hid_dim if self.encoder_hid_proj is not None else config.cross_attention_dim
         self.add_embedding = (TextPooling(text_dim, temb_channels, config.addition_embed_type_num_heads)
                               if config.addition_embed_type == "text" else None)
@@ -654,21 +656,31 @@ class Show1UNet3D(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _conditioning(self, timestep: torch.Tensor | int | float, text: torch.Tensor,
-                      batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """timestep (B,) or scalar, raw text (B, L, D_text) -> time embedding (B, T), context (B, L, D_cross)."""
-        t = torch.as_tensor(timestep, device=text.device)
-        t = (t[None] if t.ndim == 0 else t).expand(batch)
-        c = self.config
-        emb = sinusoidal_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        emb = self.time_embedding(emb.to(self.dtype))
+    def _conditioning(self, timestep: torch.Tensor | int | float, text: torch.Tensor, batch: int,
+                      class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep (B,) or scalar, raw text (B, L, D_text), class labels (B,) for class-conditioned stages
+        -> time embedding (B, T), context (B, L, D_cross)."""
+        emb = self.time_embedding(self._sinusoid(timestep, batch, text.device))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("Show-1 UNet: this config (class_embed_type 'timestep') needs class_labels, "
+                                 "the noise level of the super-resolution stage's low-resolution input")
+            emb = emb + self.class_embedding(self._sinusoid(class_labels, batch, text.device))
         if self.add_embedding is not None:
             emb = emb + self.add_embedding(text)  # pooled from the raw (unprojected) text states
         context = self.encoder_hid_proj(text) if self.encoder_hid_proj is not None else text
         return emb, context
 
+    def _sinusoid(self, values: torch.Tensor | int | float, batch: int, device: torch.device) -> torch.Tensor:
+        """(B,) or scalar timesteps/labels -> (B, C0) sinusoid in the model's dtype."""
+        t = torch.as_tensor(values, device=device)
+        t = (t[None] if t.ndim == 0 else t).expand(batch)
+        c = self.config
+        return sinusoidal_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(self.dtype)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int | float,
-                encoder_hidden_states: torch.Tensor, return_dict: bool = True) -> Show1UNetOutput | tuple:
+                encoder_hidden_states: torch.Tensor, return_dict: bool = True,
+                class_labels: torch.Tensor | None = None) -> Show1UNetOutput | tuple:
         """sample (B, C_in, F, H, W), timestep (B,) or scalar, encoder_hidden_states (B, L, D)
         -> Show1UNetOutput(sample (B, C_out, F, H, W)) in the model's dtype (or a 1-tuple if not return_dict)."""
         batch, _, num_frames, height, width = sample.shape
@@ -678,7 +690,7 @@ class Show1UNet3D(nn.Module):
             raise ValueError(f"Show-1 UNet: height and width must be divisible by {factor}, got {height}x{width}")
         # Inputs are cast to the weights' dtype: callers keep fp32 pixels and cached prompt states.
         text = encoder_hidden_states.to(self.dtype)
-        emb, context = self._conditioning(timestep, text, batch)
+        emb, context = self._conditioning(timestep, text, batch, class_labels)
         emb = emb.repeat_interleave(num_frames, dim=0)
         context = context.repeat_interleave(num_frames, dim=0)
         sample = sample.to(self.dtype)
