@@ -123,3 +123,21 @@ def test_bad_input_gives_one_clear_error_and_no_adapter(case, square_video, tmp_
 def test_help_has_examples():
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0 and "Examples" in result.output and "--videos" in result.output
+
+
+def test_generate_uses_a_trained_adapter(square_video, tmp_path):
+    out = tmp_path / "run"
+    trained = runner.invoke(app, ["train", "--videos", str(square_video), "--prompt", "a square moving right",
+                                  "--out", str(out), "--steps", "1"])
+    assert trained.exit_code == 0, trained.output
+    gif = tmp_path / "gen.gif"
+    result = runner.invoke(app, ["generate", "--adapter", str(out / "adapters" / "square.safetensors"), "--video",
+                                 str(square_video), "--prompt", "a circle moving right", "--steps", "2",
+                                 "--inversion-steps", "2", "--out", str(gif)])
+    assert result.exit_code == 0, result.output
+    import av
+
+    with av.open(str(gif)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 8  # the adapter's frame count
+    missing = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "nope.safetensors"), "--prompt", "x"])
+    assert missing.exit_code == 2 and "no such file" in missing.output

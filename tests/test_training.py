@@ -1,7 +1,5 @@
 """Training on the tiny random backbone: what changes, what must not, and whether the loss falls."""
 
-import dataclasses
-
 import pytest
 import torch
 

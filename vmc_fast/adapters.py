@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from torch import nn
 
 from vmc_fast import __version__
 from vmc_fast.errors import VmcError
+from vmc_fast.fileio import atomic_path
 
 FORMAT = "vmc-fast-motion-adapter/1"
 _SAMPLES_PER_TENSOR = 16
@@ -29,18 +28,9 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     """safetensors save that either fully succeeds or leaves no file at `path`."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def base_fingerprint(unet: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from vmc_fast.config import PRECISIONS, RESIZE_MODES
+from vmc_fast.fileio import atomic_path
 from vmc_fast.losses import epsilon_half
 
 OUTPUT_SUFFIXES = (".gif", ".mp4")
@@ -381,14 +381,8 @@ def write_video_atomic(frames: torch.Tensor, path: str | Path, fps: int = 8) -> 
 
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write_clip(frames, tmp, fps)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import tempfile
 import traceback
 from collections import Counter
@@ -21,6 +20,7 @@ from typing import Iterator, Protocol
 from vmc_fast.config import RunConfig
 from vmc_fast.data import find_videos
 from vmc_fast.errors import VmcError
+from vmc_fast.fileio import write_text_atomic
 from vmc_fast.prompts import appearance_invariant, resolve_prompts
 from vmc_fast.trainer import StepStats
 
@@ -115,11 +115,7 @@ class Manifest:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _write(self, entries) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as handle:
-            for entry in entries:
-                handle.write(json.dumps(entry, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -158,15 +154,8 @@ def prepare_out_dir(cfg: RunConfig) -> Path:
         probe.close()
     except OSError as exc:
         raise VmcError(f"--out {out}: not writable ({exc.strerror or exc}); choose a folder you can write to") from exc
-    _write_text_atomic(out / "config.json", cfg.to_json() + "\n")
+    write_text_atomic(out / "config.json", cfg.to_json() + "\n")
     return out
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- running

@@ -19,14 +19,13 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vmc_fast.config import RunConfig, TrainConfig
+from vmc_fast.config import RunConfig
 from vmc_fast.errors import VmcError
 from vmc_fast.library import Reporter, RunSummary, plan_jobs, prepare_out_dir, summarize, train_videos
 from vmc_fast.trainer import build_optimizer
