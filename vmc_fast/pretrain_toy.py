@@ -403,7 +403,7 @@ Reproduce (the run folder keeps an atomic checkpoint; `--resume` continues it ex
     {newline.join(training["commands"])}
     python -m vmc_fast.pretrain_toy --out {training["config"]["out"]} --export-only
 
-The second command writes these files (fp16) from the run's latest checkpoint into `vmc_fast/assets/toy/`
+The last command writes these files (fp16) from the run's latest checkpoint into `vmc_fast/assets/toy/`
 (`--export-dir` for another folder).
 """
 
