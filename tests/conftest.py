@@ -55,6 +55,15 @@ def write_frame_folder(folder: Path, frames: np.ndarray) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: on a busy 2-core machine, thread hand-offs cost more than the work."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def square_video(tmp_path) -> Path:
     return write_video(tmp_path / "square.mp4", moving_square_frames())

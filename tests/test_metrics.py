@@ -11,13 +11,7 @@ from vmc_fast import metrics as M
 from vmc_fast import toyworld as tw
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny; on a shared 2-core machine thread hand-offs cost more than the work."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _render(motion: str, seed: int = 0, **kwargs) -> tw.Clip:

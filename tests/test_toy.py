@@ -17,13 +17,7 @@ from vmc_fast.models.show1_pipeline import show1_scheduler
 from vmc_fast.surgery import temporal_qkv_parameters
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module on one thread: on a busy shared CPU two spinning OpenMP threads made steps ~40x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _all_captions() -> list[str]:

@@ -494,6 +494,21 @@ class _LayerFactory:
 # Blocks
 
 
+def _add_layer_stacks(block: nn.Module, make: _LayerFactory, channels: int, num_layers: int, head_dim: int,
+                      with_attention: bool) -> None:
+    """Register a block's per-layer temporal convs (and spatial + temporal attentions) after its resnets.
+
+    Registration order is the original's (resnets, temp_convs, attentions, temp_attentions), so the state_dict
+    order matches the published checkpoints.
+    """
+    block.temp_convs = nn.ModuleList([TemporalConv(channels) for _ in range(num_layers)])
+    if with_attention:
+        block.attentions = nn.ModuleList([make.spatial_attention(channels, head_dim) for _ in range(num_layers)])
+        block.temp_attentions = nn.ModuleList([make.temporal_attention(channels, head_dim)
+                                               for _ in range(num_layers)])
+    block.has_attention = with_attention
+
+
 class DownBlock3D(nn.Module):
     """(B*F, C_in, H, W) -> ((B*F, C_out, H', W'), skips): layers, then an optional downsampling ResNet."""
 
@@ -501,12 +516,7 @@ class DownBlock3D(nn.Module):
                  with_attention: bool, downsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList([make.resnet(in_ch if i == 0 else out_ch, out_ch) for i in range(num_layers)])
-        self.temp_convs = nn.ModuleList([TemporalConv(out_ch) for _ in range(num_layers)])
-        if with_attention:
-            self.attentions = nn.ModuleList([make.spatial_attention(out_ch, head_dim) for _ in range(num_layers)])
-            self.temp_attentions = nn.ModuleList([make.temporal_attention(out_ch, head_dim)
-                                                  for _ in range(num_layers)])
-        self.has_attention = with_attention
+        _add_layer_stacks(self, make, out_ch, num_layers, head_dim, with_attention)
         self.downsamplers = nn.ModuleList([make.resnet(out_ch, out_ch, "down")]) if downsample else None
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
@@ -553,12 +563,7 @@ class UpBlock3D(nn.Module):
             skip_ch = in_ch if i == num_layers - 1 else out_ch
             resnets.append(make.resnet((prev_ch if i == 0 else out_ch) + skip_ch, out_ch))
         self.resnets = nn.ModuleList(resnets)
-        self.temp_convs = nn.ModuleList([TemporalConv(out_ch) for _ in range(num_layers)])
-        if with_attention:
-            self.attentions = nn.ModuleList([make.spatial_attention(out_ch, head_dim) for _ in range(num_layers)])
-            self.temp_attentions = nn.ModuleList([make.temporal_attention(out_ch, head_dim)
-                                                  for _ in range(num_layers)])
-        self.has_attention = with_attention
+        _add_layer_stacks(self, make, out_ch, num_layers, head_dim, with_attention)
         self.upsamplers = nn.ModuleList([make.resnet(out_ch, out_ch, "up")]) if upsample else None
 
     def forward(self, h: torch.Tensor, skips: tuple[torch.Tensor, ...], temb: torch.Tensor, context: torch.Tensor,
