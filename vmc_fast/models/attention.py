@@ -116,6 +116,12 @@ def _triton_kernels():
 # ------------------------------------------------------------------------------------------- backend switch
 
 
+class SelectableBackend:
+    """Mixin for our own attention modules whose kernel `set_temporal_attention_backend` may switch."""
+
+    backend: str = "sdpa"
+
+
 def set_temporal_attention_backend(unet: nn.Module, backend: str) -> int:
     """Route every temporal attention layer of `unet` through `attention(backend=...)`; returns how many.
 
@@ -125,11 +131,9 @@ def set_temporal_attention_backend(unet: nn.Module, backend: str) -> int:
     ValueError for an unknown backend, VmcError when the backend cannot run here (missing package, no CUDA).
     """
     check_backend(backend, unet)
-    from vmc_fast.models.show1 import TemporalSelfAttention
-
     num_switched = 0
     for name, module in unet.named_modules():
-        if isinstance(module, TemporalSelfAttention):
+        if isinstance(module, SelectableBackend):
             module.backend = backend
             num_switched += 1
         elif _TEMPORAL_NAME.search(name) and _is_diffusers_attention(module):

@@ -176,4 +176,4 @@ def _looks_like_hub_id(model_id: str) -> bool:
 
 def _import_backbones() -> None:
     """Import the backbone modules so that they register themselves (kept lazy: they import diffusers)."""
-    from vmc_fast.models import diffusers_unet3d, show1, toy  # noqa: F401
+    from vmc_fast.models import diffusers_unet3d, show1_pipeline, toy  # noqa: F401

@@ -10,7 +10,7 @@ checkpoints load directly. Layer by layer (see the reference README for the evid
 - down/up samplers are ResNets that resample both branches; they have no temporal conv after them.
 
 Importing this module registers the ``show1`` family and the ``show1-tiny-random`` / ``show1-base-arch``
-built-ins with the backbone registry; loaders live in `vmc_fast.models.show1_pipeline`.
+built-ins in the backbone registry through `vmc_fast.models.show1_pipeline`, which holds the loaders.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vmc_fast.models.attention import attention, merge_heads, split_heads
-from vmc_fast.models.registry import LoadOptions, register, register_family
+from vmc_fast.models.attention import SelectableBackend, attention, merge_heads, split_heads
 
 DOWN_BLOCK_TYPES = ("ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D")
 UP_BLOCK_TYPES = ("ResnetUpsampleBlock3D", "SimpleCrossAttnUpBlock3D")
@@ -349,13 +348,11 @@ class TemporalConv(nn.Module):
         return video_to_frames(video + h)
 
 
-class TemporalSelfAttention(nn.Module):
+class TemporalSelfAttention(SelectableBackend, nn.Module):
     """(N, F, C) -> (N, F, C) self-attention over frames; q/k/v without bias. These q/k/v are what VMC tunes.
 
-    `backend` selects the kernel in `vmc_fast.models.attention.attention` for this layer.
+    `backend` (from SelectableBackend) selects the kernel in `vmc_fast.models.attention.attention` for this layer.
     """
-
-    backend: str = "sdpa"
 
     def __init__(self, channels: int, num_heads: int):
         super().__init__()
@@ -756,28 +753,3 @@ SHOW1_CONFIG_KEYS = ("encoder_hid_dim_type", "transfromer_in_opt", "addition_emb
 def is_show1_unet_config(config: dict) -> bool:
     """True for a Show-1 ``unet/config.json`` (and False for a diffusers ModelScope/ZeroScope one)."""
     return config.get("_class_name") == "UNet3DConditionModel" and any(k in config for k in SHOW1_CONFIG_KEYS)
-
-
-def _load_show1_folder(model_id: str, unet_config: dict, options: LoadOptions):
-    from vmc_fast.models.show1_pipeline import load_show1_backbone
-
-    return load_show1_backbone(model_id, unet_config, options)
-
-
-def _load_tiny_random(options: LoadOptions):
-    from vmc_fast.models.show1_pipeline import build_tiny_random_backbone
-
-    return build_tiny_random_backbone(options)
-
-
-def _load_base_arch(options: LoadOptions):
-    from vmc_fast.models.show1_pipeline import build_base_arch_backbone
-
-    return build_base_arch_backbone(options)
-
-
-register_family("show1", is_show1_unet_config, _load_show1_folder)
-register("show1-tiny-random", _load_tiny_random,
-         "tiny random Show-1 keyframe UNet + tiny T5 (CPU tests and smoke runs, no download)")
-register("show1-base-arch", _load_base_arch,
-         "full Show-1 base architecture with random weights (benchmarks only; random text states)")

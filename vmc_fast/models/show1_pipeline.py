@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from vmc_fast.errors import VmcError
-from vmc_fast.models.registry import Backbone, LoadOptions, hub_file
-from vmc_fast.models.show1 import Show1Config, Show1UNet3D, init_random_weights
+from vmc_fast.models.registry import Backbone, LoadOptions, hub_file, register, register_family
+from vmc_fast.models.show1 import Show1Config, Show1UNet3D, init_random_weights, is_show1_unet_config
 
 PROMPT_LENGTH = 77
 """Show-1 (like DeepFloyd IF) encodes every prompt to exactly 77 T5 tokens."""
@@ -372,3 +372,10 @@ def build_base_arch_backbone(options: LoadOptions) -> Backbone:
     return Backbone(model_id="show1-base-arch", family="show1", unet=unet.eval(), noise_scheduler=show1_scheduler(),
                     load_text_encoder=partial(RandomPromptEncoder, 4096, options.device),
                     num_frames=8, height=40, width=64, benchmark_only=True)
+
+
+register_family("show1", is_show1_unet_config, load_show1_backbone)
+register("show1-tiny-random", build_tiny_random_backbone,
+         "tiny random Show-1 keyframe UNet + tiny T5 (CPU tests and smoke runs, no download)")
+register("show1-base-arch", build_base_arch_backbone,
+         "full Show-1 base architecture with random weights (benchmarks only; random text states)")
