@@ -1,7 +1,8 @@
 """A tuning session: one backbone prepared once, then any number of videos tuned with it.
 
-Setup is a fixed sequence of named steps — load → surgery → frozen precision → checkpointing → attention backend
-→ compile → optimizer step (plain or DeepSpeed, built per video).
+Setup is a fixed sequence of named steps — load → surgery → fingerprint → frozen precision → checkpointing →
+attention backend → compile; the optimizer step comes last (a plain optimizer per video, or one DeepSpeed engine
+per session, see vmc_fast.parallel).
 Between videos only the trainable tensors are reset (copied back from a snapshot), so nothing is rebuilt and
 frozen weights are never copied per video.
 """
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
 from safetensors.torch import load_file
 
 from vmc_fast.adapters import atomic_save_file, base_fingerprint, save_adapter
