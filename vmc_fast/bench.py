@@ -302,9 +302,19 @@ def _provenance(options: BenchOptions) -> dict:
         "versions": {name: _version(name) for name in ("vmc-fast", "torch", "diffusers", "transformers",
                                                          "deepspeed", "bitsandbytes", "triton", "xformers")},
         "device": {"type": device.type,
-                   "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                   or platform.machine(), "cpu_threads": torch.get_num_threads()},
+                   "name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+                   "cpu_threads": torch.get_num_threads()},
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _version(name: str) -> str | None:

@@ -99,7 +99,8 @@ def bench_table(records: list[dict]) -> Table:
     columns += ["peak alloc (GiB)", "reserved (GiB)", "MFU", "vs 15 GB", "vs 300 s"] if cuda else \
         ["peak RSS (GiB)", "time vs first", "RSS vs first"]
     for column in columns + ["levers"]:
-        table.add_column(column, justify="left" if column in ("preset", "levers") else "right")
+        table.add_column(column, justify="left" if column in ("preset", "levers") else "right",
+                         no_wrap=column != "levers")
     for r in records:
         row = [r["preset"]["name"], f"{r['step_seconds'] * 1000:.1f}", f"{r['steps_per_second']:.2f}",
                f"{r['total_seconds_400']:.1f}", f"{r['compile_seconds']:.1f}"]
