@@ -23,7 +23,8 @@ ATTENTION_BACKENDS = ("sdpa", "xformers", "triton")
 COMPILE_MODES = ("off", "regional", "full")
 
 
-def _check(condition: bool, field_name: str, message: str) -> None:
+def check_field(condition: bool, field_name: str, message: str) -> None:
+    """ValueError naming the option when `condition` fails (the CLI shows it as one line)."""
     if not condition:
         raise ValueError(f"{field_name}: {message}")
 
@@ -50,13 +51,13 @@ class DataConfig:
     """Play the clip backwards (the paper's "walking backward" experiment)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_frames is None or 2 <= self.num_frames <= 64, "--frames", "must be between 2 and 64")
-        _check(self.frame_stride >= 1, "--frame-stride", "must be at least 1")
-        _check(self.start_frame >= 0, "--start-frame", "must be 0 or more")
+        check_field(self.num_frames is None or 2 <= self.num_frames <= 64, "--frames", "must be between 2 and 64")
+        check_field(self.frame_stride >= 1, "--frame-stride", "must be at least 1")
+        check_field(self.start_frame >= 0, "--start-frame", "must be 0 or more")
         for name in ("height", "width"):
             value = getattr(self, name)
-            _check(value is None or 8 <= value <= 4096, f"--{name}", "must be between 8 and 4096 pixels")
-        _check(self.resize in RESIZE_MODES, "--resize", f"must be one of {', '.join(RESIZE_MODES)}")
+            check_field(value is None or 8 <= value <= 4096, f"--{name}", "must be between 8 and 4096 pixels")
+        check_field(self.resize in RESIZE_MODES, "--resize", f"must be one of {', '.join(RESIZE_MODES)}")
 
 
 @dataclass
@@ -78,10 +79,10 @@ class ModelConfig:
     """torch.compile of the UNet: off, regional (repeated blocks) or full."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.model_id.strip()), "--model", "must not be empty")
-        _check(self.frozen_dtype in FROZEN_DTYPES, "--frozen-dtype", f"must be one of {', '.join(FROZEN_DTYPES)}")
-        _check(self.attention in ATTENTION_BACKENDS, "--attention", f"must be one of {', '.join(ATTENTION_BACKENDS)}")
-        _check(self.compile in COMPILE_MODES, "--compile", f"must be one of {', '.join(COMPILE_MODES)}")
+        check_field(bool(self.model_id.strip()), "--model", "must not be empty")
+        check_field(self.frozen_dtype in FROZEN_DTYPES, "--frozen-dtype", f"must be one of {', '.join(FROZEN_DTYPES)}")
+        check_field(self.attention in ATTENTION_BACKENDS, "--attention", f"must be one of {', '.join(ATTENTION_BACKENDS)}")
+        check_field(self.compile in COMPILE_MODES, "--compile", f"must be one of {', '.join(COMPILE_MODES)}")
         import re
 
         try:
@@ -123,18 +124,18 @@ class TrainConfig:
     """Sample t uniformly in [lo, hi); None = [0, T)."""
 
     def __post_init__(self) -> None:
-        _check(1 <= self.steps <= 1_000_000, "--steps", "must be between 1 and 1,000,000")
-        _check(0 < self.learning_rate < 1, "--lr", "must be in (0, 1)")
-        _check(self.weight_decay >= 0, "--weight-decay", "must be 0 or more")
-        _check(self.grad_clip >= 0, "--grad-clip", "must be 0 or more (0 disables)")
-        _check(self.loss in LOSS_KINDS, "--loss", f"must be one of {', '.join(LOSS_KINDS)}")
-        _check(self.loss_stride >= 1, "--loss-stride", "must be at least 1")
-        _check(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}")
-        _check(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        _check(self.seed >= 0, "--seed", "must be 0 or more")
+        check_field(1 <= self.steps <= 1_000_000, "--steps", "must be between 1 and 1,000,000")
+        check_field(0 < self.learning_rate < 1, "--lr", "must be in (0, 1)")
+        check_field(self.weight_decay >= 0, "--weight-decay", "must be 0 or more")
+        check_field(self.grad_clip >= 0, "--grad-clip", "must be 0 or more (0 disables)")
+        check_field(self.loss in LOSS_KINDS, "--loss", f"must be one of {', '.join(LOSS_KINDS)}")
+        check_field(self.loss_stride >= 1, "--loss-stride", "must be at least 1")
+        check_field(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}")
+        check_field(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        check_field(self.seed >= 0, "--seed", "must be 0 or more")
         if self.timestep_range is not None:
             lo, hi = self.timestep_range
-            _check(0 <= lo < hi, "timestep_range", "must satisfy 0 <= lo < hi")
+            check_field(0 <= lo < hi, "timestep_range", "must satisfy 0 <= lo < hi")
 
 
 @dataclass
@@ -152,11 +153,11 @@ class ParallelConfig:
     """A DeepSpeed JSON config to start from (ds_configs/ has examples)."""
 
     def __post_init__(self) -> None:
-        _check(1 <= self.num_ranks <= 1024, "--gpus", "must be between 1 and 1024")
-        _check(self.strategy in STRATEGIES, "--strategy", f"must be one of {', '.join(STRATEGIES)}")
-        _check(self.zero_stage in (0, 1, 2, 3), "--zero-stage", "must be 0, 1, 2 or 3")
+        check_field(1 <= self.num_ranks <= 1024, "--gpus", "must be between 1 and 1024")
+        check_field(self.strategy in STRATEGIES, "--strategy", f"must be one of {', '.join(STRATEGIES)}")
+        check_field(self.zero_stage in (0, 1, 2, 3), "--zero-stage", "must be 0, 1, 2 or 3")
         if self.deepspeed_config is not None:
-            _check(Path(self.deepspeed_config).is_file(), "--deepspeed-config",
+            check_field(Path(self.deepspeed_config).is_file(), "--deepspeed-config",
                    f"{self.deepspeed_config} is not a file")
 
 
@@ -179,8 +180,8 @@ class RunConfig:
     """Prompt-embedding and latent cache."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.out_dir.strip()), "--out", "must not be empty")
-        _check(self.prompt is None or bool(self.prompt.strip()), "--prompt", "must not be empty")
+        check_field(bool(self.out_dir.strip()), "--out", "must not be empty")
+        check_field(self.prompt is None or bool(self.prompt.strip()), "--prompt", "must not be empty")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from vmc_fast.config import PRECISIONS, RESIZE_MODES
+from vmc_fast.config import PRECISIONS, RESIZE_MODES, check_field
 from vmc_fast.fileio import atomic_path
 from vmc_fast.losses import epsilon_half
 
@@ -34,11 +34,6 @@ DEVICES = ("auto", "cpu", "cuda")
 
 StepCallback = Callable[[str, int, int], None]
 """on_step(phase, step, total): phase is ``invert`` or ``sample``; step counts from 1 to total."""
-
-
-def _check(condition: bool, field_name: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"{field_name}: {message}")
 
 
 @dataclass
@@ -88,30 +83,30 @@ class GenerateConfig:
     """Prompt-embedding cache (shared with training)."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.model_id.strip()), "--model", "must not be empty")
-        _check(1 <= self.num_inference_steps <= 1000, "--steps", "must be between 1 and 1000")
-        _check(1 <= self.inversion_steps <= 1000, "--inversion-steps", "must be between 1 and 1000")
-        _check(0.0 <= self.guidance_scale <= 100.0, "--guidance-scale", "must be between 0 and 100")
-        _check(self.seed >= 0, "--seed", "must be 0 or more")
-        _check(self.num_frames is None or 2 <= self.num_frames <= 64, "--frames", "must be between 2 and 64")
+        check_field(bool(self.model_id.strip()), "--model", "must not be empty")
+        check_field(1 <= self.num_inference_steps <= 1000, "--steps", "must be between 1 and 1000")
+        check_field(1 <= self.inversion_steps <= 1000, "--inversion-steps", "must be between 1 and 1000")
+        check_field(0.0 <= self.guidance_scale <= 100.0, "--guidance-scale", "must be between 0 and 100")
+        check_field(self.seed >= 0, "--seed", "must be 0 or more")
+        check_field(self.num_frames is None or 2 <= self.num_frames <= 64, "--frames", "must be between 2 and 64")
         for name in ("height", "width"):
             value = getattr(self, name)
-            _check(value is None or 8 <= value <= 4096, f"--{name}", "must be between 8 and 4096 pixels")
-        _check(self.frame_stride >= 1, "--frame-stride", "must be at least 1")
-        _check(self.resize in RESIZE_MODES, "--resize", f"must be one of {', '.join(RESIZE_MODES)}")
-        _check(1 <= self.fps <= 120, "--fps", "must be between 1 and 120")
-        _check(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}")
-        _check(self.device in DEVICES, "--device", f"must be one of {', '.join(DEVICES)}")
+            check_field(value is None or 8 <= value <= 4096, f"--{name}", "must be between 8 and 4096 pixels")
+        check_field(self.frame_stride >= 1, "--frame-stride", "must be at least 1")
+        check_field(self.resize in RESIZE_MODES, "--resize", f"must be one of {', '.join(RESIZE_MODES)}")
+        check_field(1 <= self.fps <= 120, "--fps", "must be between 1 and 120")
+        check_field(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}")
+        check_field(self.device in DEVICES, "--device", f"must be one of {', '.join(DEVICES)}")
         self._check_paths()
 
     def _check_paths(self) -> None:
         if self.output is not None:
-            _check(Path(self.output).suffix.lower() in OUTPUT_SUFFIXES, "--out",
+            check_field(Path(self.output).suffix.lower() in OUTPUT_SUFFIXES, "--out",
                    f"{self.output!r} must end in {' or '.join(OUTPUT_SUFFIXES)}")
         if self.adapter is not None:
-            _check(Path(self.adapter).expanduser().is_file(), "--adapter", f"{self.adapter} is not a file")
+            check_field(Path(self.adapter).expanduser().is_file(), "--adapter", f"{self.adapter} is not a file")
         if self.video is not None:
-            _check(Path(self.video).expanduser().exists(), "--video", f"{self.video} does not exist")
+            check_field(Path(self.video).expanduser().exists(), "--video", f"{self.video} does not exist")
 
 
 @dataclass
@@ -319,18 +314,12 @@ def _size(cfg: GenerateConfig, backbone, info) -> tuple[int, int, int]:
 
 def _prompt_states(cfg: GenerateConfig, backbone, device: torch.device) -> dict[str, torch.Tensor]:
     """{"prompt", "negative", "inversion"} -> (1, L, D) float32 states; the encoder is built at most once."""
-    from vmc_fast.prompts import cached_prompt_embeddings
+    from vmc_fast.prompts import cached_prompt_embeddings, embedding_model_key
 
     texts = {"prompt": cfg.prompt, "negative": cfg.negative_prompt, "inversion": cfg.inversion_prompt}
-    embeddings = cached_prompt_embeddings(list(dict.fromkeys(texts.values())), _model_key(cfg.model_id, backbone),
+    embeddings = cached_prompt_embeddings(list(dict.fromkeys(texts.values())), embedding_model_key(cfg.model_id, backbone.family),
                                           cfg.cache_dir, backbone.load_text_encoder)
     return {role: embeddings[text].unsqueeze(0).to(device) for role, text in texts.items()}
-
-
-def _model_key(model_id: str, backbone) -> str:
-    # Same key as training's (session.py), so both share the prompt-embedding cache.
-    folder = Path(model_id).expanduser()
-    return f"{backbone.family}:{folder.resolve() if folder.is_dir() else model_id}"
 
 
 def _starting_point(cfg: GenerateConfig, backbone, states: dict[str, torch.Tensor], size: tuple[int, int, int],

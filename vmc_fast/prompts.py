@@ -119,6 +119,13 @@ def cached_prompt_embeddings(prompts: list[str], model_key: str, cache_dir: str 
     return {p: load_file(paths[p])["states"] for p in prompts}
 
 
+def embedding_model_key(model_id: str, family: str) -> str:
+    """Cache key of a model's prompt encoder; a local folder is keyed by its absolute path so that two folders
+    with the same name do not collide. Training and generation share it, and so share the cache."""
+    folder = Path(model_id).expanduser()
+    return f"{family}:{folder.resolve() if folder.is_dir() else model_id}"
+
+
 def _cache_key(model_key: str, prompt: str) -> str:
     return hashlib.sha256(f"{model_key}\0{prompt}".encode()).hexdigest()[:32]
 

@@ -21,7 +21,7 @@ from vmc_fast.adapters import atomic_save_file, base_fingerprint, save_adapter
 from vmc_fast.config import RunConfig
 from vmc_fast.data import FrameSampling, load_clip
 from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
-from vmc_fast.prompts import cached_prompt_embeddings
+from vmc_fast.prompts import cached_prompt_embeddings, embedding_model_key
 from vmc_fast.surgery import SurgeryReport, prepare_for_motion_tuning, trainable_state
 from vmc_fast.trainer import OptimizerStep, StepStats, TorchStep, TuneResult, resolve_precision, tune
 
@@ -123,10 +123,7 @@ class TuningSession:
                                         self.backbone.load_text_encoder)
 
     def _model_key(self) -> str:
-        # A local folder is keyed by its absolute path so two folders with the same name do not collide.
-        model_id = self.cfg.model.model_id
-        folder = Path(model_id).expanduser()
-        return f"{self.backbone.family}:{folder.resolve() if folder.is_dir() else model_id}"
+        return embedding_model_key(self.cfg.model.model_id, self.backbone.family)
 
     def load_input(self, video: Path) -> torch.Tensor:
         """The video as the UNet's input: (1, C, F, h, w) float32 on the session device.
