@@ -11,16 +11,20 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmc_fast.compile import COMPILE_MODES
 from vmc_fast.losses import LOSS_KINDS
+from vmc_fast.models.attention import BACKENDS
+from vmc_fast.precision import FROZEN_DTYPES as PRECISION_FROZEN_DTYPES
 from vmc_fast.surgery import DEFAULT_TRAINABLE_PATTERN
 
 RESIZE_MODES = ("crop", "squash")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 STRATEGIES = ("auto", "videos", "zero")
-FROZEN_DTYPES = ("auto", "fp32", "bf16", "int8")
-ATTENTION_BACKENDS = ("sdpa", "xformers", "triton")
-COMPILE_MODES = ("off", "regional", "full")
+# The modules that implement each lever own its list of choices; the config only adds "auto" / hides "math".
+FROZEN_DTYPES = ("auto", *PRECISION_FROZEN_DTYPES)
+ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "math")  # "math" is the test reference, not a user choice
+
 
 
 def check_field(condition: bool, field_name: str, message: str) -> None:
