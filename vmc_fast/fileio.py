@@ -18,8 +18,10 @@ def _umask() -> int:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success fsync it, give it normal permissions and rename it onto
-    `path`. On an exception the temporary file is removed and `path` is untouched."""
+    `path`. On an exception the temporary file is removed and `path` is untouched. Missing parent folders are
+    created."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:

@@ -113,3 +113,31 @@ def bench_table(records: list[dict]) -> Table:
                     f"{r['peak_rss_bytes'] / first['peak_rss_bytes']:.2f}x"]
         table.add_row(*row, r["preset"]["about"])
     return table
+
+
+def _score(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def scores_table(samples: list[dict], title: str = "") -> Table:
+    """One row per generated video of `vmc-fast demo`: its prompt and scores."""
+    table = Table(title=title or None)
+    keys = ("motion_fidelity", "colour_adherence", "shape_adherence", "colour_leak", "temporal_consistency")
+    for column in ("prompt", *(k.replace("_", " ") for k in keys)):
+        table.add_column(column, justify="left" if column == "prompt" else "right")
+    for s in samples:
+        table.add_row(s["prompt"], *(_score(s.get(k)) for k in keys))
+    return table
+
+
+def eval_table(summary: dict) -> Table:
+    """One row per variant of `vmc-fast eval`: mean scores over all samples."""
+    keys = [k for k in ("motion_fidelity", "colour_adherence", "shape_adherence", "colour_leak",
+                        "temporal_consistency", "clip_text_alignment", "clip_frame_consistency")
+            if any(entry.get(k) is not None for entry in summary.values())]
+    table = Table(title="vmc-fast eval: means over samples (colour leak: lower is better)")
+    for column in ("variant", *(k.replace("_", " ") for k in keys), "samples"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, entry in summary.items():
+        table.add_row(name, *(_score(entry[k]) for k in keys), str(entry["samples"]))
+    return table
