@@ -17,7 +17,8 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 sys.path[:] = [p for p in sys.path if p not in ("", ".", _ROOT)]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# VMC_FAST_TEST_THREADS=1 when another job holds a core: two threads on a shared core spin against each other.
+torch.set_num_threads(int(os.environ.get("VMC_FAST_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def moving_square_frames(num_frames: int = 10, height: int = 32, width: int = 48, step: int = 3) -> np.ndarray:

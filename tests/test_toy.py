@@ -108,6 +108,26 @@ def test_vlb_term_is_zero_for_the_true_posterior():
     assert (pretrain_toy.vlb_term(scheduler, x0, xt, t, noise, torch.ones_like(x0)) > exact).all()
 
 
+def test_v_weighting_scales_each_sample_by_inverse_abar_capped(tmp_path):
+    cfg = dataclasses.replace(_tiny_config(tmp_path, "w", 1), vlb_weight=0.0, batch_size=2)
+    scheduler, tokenizer = show1_scheduler(), toy.build_toy_tokenizer()
+    state = pretrain_toy.build_state(cfg, torch.device("cpu"), len(tokenizer))
+    losses = {}
+    for timesteps in ([999, 999], [300, 300]):
+        batch = {**pretrain_toy.make_batch(cfg, 0, 1000), "timesteps": torch.tensor(timesteps)}
+        for weighting in pretrain_toy.LOSS_WEIGHTINGS:
+            run = dataclasses.replace(cfg, loss_weighting=weighting)
+            with torch.no_grad():
+                losses[timesteps[0], weighting] = pretrain_toy.diffusion_loss(
+                    run, state, scheduler, tokenizer, batch, torch.device("cpu"))[0].item()
+    assert losses[999, "v"] == pytest.approx(pretrain_toy.V_WEIGHT_CAP * losses[999, "uniform"], rel=1e-5)
+    abar = scheduler.alphas_cumprod[300].item()
+    assert 1 < 1 / abar < pretrain_toy.V_WEIGHT_CAP
+    assert losses[300, "v"] == pytest.approx(losses[300, "uniform"] / abar, rel=1e-5)
+    with pytest.raises(ValueError, match="loss_weighting"):
+        dataclasses.replace(cfg, loss_weighting="snr")
+
+
 @pytest.fixture(scope="module")
 def finished_runs(tmp_path_factory):
     """(uninterrupted 3-step run, 2-step run resumed to 3) folders and their final states."""
