@@ -160,7 +160,6 @@ def run_eval(cfg: EvalConfig, progress: ProgressCallback | None = None) -> dict:
     """Tune, generate and score every (variant, seed, motion); write eval.md/json/png; return the report."""
     from vmc_fast.session import TuningSession
 
-    torch.set_grad_enabled(True)
     references = {m: held_out_example(m) for m in cfg.motions}
     clip_scorer = _clip_scorer(cfg.clip_model)
     total = sum(_units(cfg, VARIANTS[v]) for v in cfg.variants) * len(cfg.motions) * len(cfg.seeds)
