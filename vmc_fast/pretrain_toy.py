@@ -404,7 +404,8 @@ tokenizer built in code (`vmc_fast.models.toy`), pretrained jointly on procedura
 held-out motions ({", ".join(toyworld.HELD_OUT_MOTIONS)}) excluded. Loaded by `load_backbone("toy")`.
 
 - Steps reached: {training["steps"]} (of {training["config"]["steps"]} planned), batch {training["config"]["batch_size"]}
-- Final loss (eps-MSE + VLB, median of the last {SMOOTH_WINDOWS} logged windows): {training["final_loss"]:.4f}
+- Final loss (the training objective: eps-MSE, weighted as the last command says, + VLB; median of the last
+  {SMOOTH_WINDOWS} logged windows): {training["final_loss"]:.4f}
 - Training wall time: {training["wall_s"] / 60:.1f} min
 - Machine: {training["machine"]}
 
