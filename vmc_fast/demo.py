@@ -17,7 +17,7 @@ import torch
 
 from vmc_fast import toyworld
 from vmc_fast.config import check_field
-from vmc_fast.evaluate import VARIANTS, EvalConfig, ProgressCallback, tune_and_generate
+from vmc_fast.evaluate import VARIANTS, EvalConfig, ProgressCallback, tune_and_generate, unet_calls
 from vmc_fast.examples import held_out_example
 from vmc_fast.fileio import write_text_atomic
 from vmc_fast.generate import write_video_atomic
@@ -58,7 +58,7 @@ def run_demo(cfg: DemoConfig, progress: ProgressCallback | None = None) -> dict:
     path, reference = held_out_example(cfg.motion)
     out = Path(cfg.out_dir)
     adapter = out / "adapters" / f"{cfg.motion}.safetensors"
-    total = cfg.steps + cfg.inference_steps * (1 + cfg.samples)
+    total = unet_calls(eval_cfg, variant)
     done = 0
 
     def tick(units: int) -> None:

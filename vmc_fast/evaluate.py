@@ -148,7 +148,7 @@ def new_appearances(reference: toyworld.ClipSpec, count: int, seed: int) -> list
     return specs
 
 
-def _units(cfg: EvalConfig, variant: Variant) -> int:
+def unet_calls(cfg: EvalConfig, variant: Variant) -> int:
     """UNet calls of one (variant, motion, seed) job, for the progress bar."""
     return (cfg.steps if variant.tune else 0) + cfg.inference_steps * (1 + cfg.samples)
 
@@ -162,7 +162,7 @@ def run_eval(cfg: EvalConfig, progress: ProgressCallback | None = None) -> dict:
 
     references = {m: held_out_example(m) for m in cfg.motions}
     clip_scorer = _clip_scorer(cfg.clip_model)
-    total = sum(_units(cfg, VARIANTS[v]) for v in cfg.variants) * len(cfg.motions) * len(cfg.seeds)
+    total = sum(unet_calls(cfg, VARIANTS[v]) for v in cfg.variants) * len(cfg.motions) * len(cfg.seeds)
     done, samples, figure = 0, [], {}
     start = time.perf_counter()
     for name in cfg.variants:
