@@ -162,13 +162,6 @@ def test_adapter_changes_the_output_and_another_base_is_refused(tmp_path):
         generate(_config(tmp_path, adapter=str(forged)), backbone=load_backbone("tiny-random"))
 
 
-def test_show1_generates_keyframes_only_and_says_so(tmp_path):
-    cfg = _config(tmp_path, model_id="show1-tiny-random", num_inference_steps=1, num_frames=2, height=8, width=8)
-    result = generate(cfg)
-    assert result.frames.shape == (3, 2, 8, 8)
-    assert "keyframes only" in result.note and "not available" in result.note
-
-
 def test_options_that_do_nothing_warn(tmp_path, tiny):
     with pytest.warns(UserWarning, match="inversion_steps: ignored without --video"):
         generate(_config(tmp_path, inversion_steps=5, num_inference_steps=1), backbone=tiny)

@@ -145,7 +145,11 @@ Examples:\n
   # the paper's recipe: invert the training clip, sample with the tuned adapter and a new prompt\n
   vmc-fast generate --adapter vmc-out/adapters/bird.safetensors --video bird.mp4 --prompt "an airplane is flying"\n
   # quick look on the CPU\n
-  vmc-fast generate --adapter vmc-out/adapters/example_zigzag.safetensors --steps 20 --out zigzag.gif
+  vmc-fast generate --adapter vmc-out/adapters/example_zigzag.safetensors --steps 20 --out zigzag.gif\n
+  # Show-1: keyframes, then interpolation and super-resolution from downloaded folders, IF-II skipped\n
+  vmc-fast generate --adapter bird.safetensors --prompt "a plane is flying" --stage interpolation=/models/show-1-interpolation --stage sr1=/models/show-1-sr1 --stage sr1_first_frame=none --stage sr2=/models/show-1-sr2\n
+  # the whole Show-1 cascade on the tiny random family, in seconds on a CPU\n
+  vmc-fast generate --model show1-tiny-random --prompt "a dog" --steps 5 --inversion-steps 5 --cascade-steps 2
 """
 
 
@@ -166,8 +170,16 @@ def generate(
     height: Optional[int] = typer.Option(None, help="Height (default: the adapter's)."),
     width: Optional[int] = typer.Option(None, help="Width (default: the adapter's)."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16."),
+    keyframes_only: bool = typer.Option(False, "--keyframes-only", help="Show-1: stop after the keyframes (skip "
+                                        "interpolation and super-resolution)."),
+    cascade_steps: Optional[int] = typer.Option(None, help="Show-1: steps of every cascade stage (default: the "
+                                                "public script's 75 / 70 / 125 / 50)."),
+    stage: list[str] = typer.Option([], "--stage", help="Show-1: NAME=ID to load a cascade stage from a hub id "
+                                    "or folder (interpolation, sr1_first_frame, sr1, sr2); sr1_first_frame=none "
+                                    "skips IF-II. Repeatable."),
 ) -> None:
-    """Generate a video with a motion adapter: DDIM inversion, then guided sampling with the tuned UNet."""
+    """Generate a video with a motion adapter: DDIM inversion, guided sampling with the tuned UNet, then (Show-1)
+    the frozen interpolation and super-resolution stages."""
     from vmc_fast.generate import GenerateConfig
     from vmc_fast.generate import generate as run_generate
 
@@ -178,7 +190,8 @@ def generate(
                              video=str(video) if video else None, negative_prompt=negative_prompt,
                              num_inference_steps=steps, inversion_steps=inversion_steps,
                              guidance_scale=guidance_scale, seed=seed, num_frames=frames, height=height,
-                             width=width, output=str(out), precision=precision)
+                             width=width, output=str(out), precision=precision, keyframes_only=keyframes_only,
+                             cascade_steps=cascade_steps, stages=_stage_sources(stage))
         with _phase_progress(console) as on_step:
             result = run_generate(cfg, on_step=on_step)
     except (VmcError, ValueError) as exc:
@@ -186,6 +199,17 @@ def generate(
     console.print(f"[green]wrote[/] {result.output}  ({sum(result.seconds.values()):.1f} s)")
     if result.note:
         console.print(f"[yellow]note:[/] {result.note}")
+
+
+def _stage_sources(values: list[str]) -> dict[str, str]:
+    """['interpolation=/models/x', ...] -> {'interpolation': '/models/x'}; ValueError naming the bad one."""
+    sources = {}
+    for value in values:
+        name, sep, source = value.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise ValueError(f"--stage: {value!r} is not NAME=ID, e.g. --stage sr1=/models/show-1-sr1")
+        sources[name.strip()] = source.strip()
+    return sources
 
 
 def _adapter_base(adapter: Path) -> str:

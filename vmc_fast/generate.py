@@ -1,15 +1,15 @@
-"""VMC inference for the keyframe model: DDIM inversion of the input clip, then guided DDIM sampling.
+"""VMC inference: DDIM inversion of the input clip, guided DDIM sampling of keyframes, then Show-1's cascade.
 
 Steps (DESIGN.md section 1, "Inference"): load the backbone, copy the motion adapter into its temporal Q/K/V,
 encode the prompts once (then free the encoder), invert the input video with the empty prompt to get x_T, sample
-from x_T with the target prompt and classifier-free guidance, decode (latent models), write a gif/mp4 atomically.
+from x_T with the target prompt and classifier-free guidance, decode (latent models), run the frozen cascade
+stages when the model has them (`vmc_fast.cascade`: Show-1's interpolation and two super-resolution stages),
+write a gif/mp4 atomically.
 
 Both schedulers are built from the backbone's own training schedule (``backbone.noise_scheduler.config``). The
 authors' public code inverted with a schedule other than the model's; here a test holds the two together.
 
-Show-1's cascade (interpolation 8 -> 29 frames, super-resolution to 256x160 and 576x320) is NOT run: those stages
-are not available yet (``Backbone.stages`` is empty). For Show-1 the output is the keyframes at the keyframe
-model's size, and `GenerateResult.note` says so.
+Only the keyframe UNet carries the motion adapter; the cascade stages are used frozen, as published.
 """
 
 from __future__ import annotations
@@ -81,6 +81,13 @@ class GenerateConfig:
     cache_dir: str = field(default_factory=lambda: os.environ.get(
         "VMC_FAST_CACHE", str(Path.home() / ".cache" / "vmc-fast")))
     """Prompt-embedding cache (shared with training)."""
+    keyframes_only: bool = False
+    """Stop after the keyframe model: skip the cascade (Show-1's interpolation and super-resolution)."""
+    cascade_steps: int | None = None
+    """Steps of every cascade stage instead of the public script's (75, 70, 125, 50); for quick runs."""
+    stages: dict[str, str] = field(default_factory=dict)
+    """Cascade stage -> hub id or folder (interpolation, sr1_first_frame, sr1, sr2); sr1_first_frame=none skips
+    the IF-II first frame."""
 
     def __post_init__(self) -> None:
         check_field(bool(self.model_id.strip()), "--model", "must not be empty")
@@ -97,6 +104,12 @@ class GenerateConfig:
         check_field(1 <= self.fps <= 120, "--fps", "must be between 1 and 120")
         check_field(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}")
         check_field(self.device in DEVICES, "--device", f"must be one of {', '.join(DEVICES)}")
+        check_field(self.cascade_steps is None or 1 <= self.cascade_steps <= 1000, "--cascade-steps",
+                    "must be between 1 and 1000")
+        from vmc_fast.cascade import STAGES
+
+        for name in self.stages:
+            check_field(name in STAGES, "--stage", f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
         self._check_paths()
 
     def _check_paths(self) -> None:
@@ -114,15 +127,18 @@ class GenerateResult:
     """What `generate` produced."""
 
     frames: torch.Tensor
-    """float32 (3, F, H, W) in [-1, 1] on the CPU: the keyframes (decoded through the VAE for latent models)."""
+    """float32 (3, F, H, W) in [-1, 1] on the CPU: the video written. Single-stage models: the sampled frames
+    (decoded through the VAE for latent models); Show-1: the cascade's 4F-3 frames at its final size, or the
+    keyframes with keyframes_only."""
     x_T: torch.Tensor
     """float32 (1, C, F, h, w) on the CPU: the starting point of sampling (inverted clip or seeded noise)."""
     output: Path | None
     """The written video, or None when no output was asked for."""
     seconds: dict[str, float]
-    """Wall time per phase: load, adapter, prompts, invert, sample, decode, write."""
+    """Wall time per phase: load, adapter, prompts, invert, sample, decode, then interpolate, sr1, sr2 (cascade
+    models), write."""
     note: str = ""
-    """What this run did not do (e.g. Show-1's cascade stages); empty when nothing was left out."""
+    """What this run left out (e.g. the cascade with keyframes_only); empty when nothing was left out."""
 
 
 # ---------------------------------------------------------------------------------------------- schedulers
@@ -231,8 +247,7 @@ def generate(cfg: GenerateConfig, backbone=None, on_step: StepCallback | None = 
     """Run VMC inference for the keyframe model and write the video (see the module docstring).
 
     `backbone` may be passed to reuse a loaded model (it must be cfg.model_id's; the adapter is copied into its
-    UNet in place). For Show-1 only the keyframes are generated: the interpolation and super-resolution stages
-    are not available yet, and the returned `note` says so.
+    UNet in place). Models with a cascade (Show-1) then run it unless cfg.keyframes_only.
     """
     _warn_ignored(cfg)
     seconds: dict[str, float] = {}
@@ -254,12 +269,30 @@ def generate(cfg: GenerateConfig, backbone=None, on_step: StepCallback | None = 
             guided = cfg.guidance_scale != 1.0
             x0 = sample(backbone.unet, x_T, states["prompt"], states["negative"] if guided else None,
                         scheduler_config, cfg.num_inference_steps, cfg.guidance_scale, generator, on_step)
-    with _timed(seconds, "decode"):
-        frames = decode(backbone, x0)
+        with _timed(seconds, "decode"):
+            frames = decode(backbone, x0)
+        frames, note = _cascade(cfg, backbone, frames, states, seconds, on_step)
     with _timed(seconds, "write"):
         output = write_video_atomic(frames, cfg.output, cfg.fps) if cfg.output else None
-    note = _cascade_note(backbone, num_frames, height, width)
     return GenerateResult(frames=frames, x_T=x_T.cpu(), output=output, seconds=seconds, note=note)
+
+
+def _cascade(cfg: GenerateConfig, backbone, keyframes: torch.Tensor, states: dict[str, torch.Tensor],
+             seconds: dict[str, float], on_step: StepCallback | None) -> tuple[torch.Tensor, str]:
+    """(video (3, F', H', W'), note): the keyframes through the backbone's frozen cascade, unless it has none."""
+    if backbone.cascade is None:
+        if cfg.keyframes_only or cfg.cascade_steps is not None or cfg.stages:
+            warnings.warn(f"--keyframes-only/--cascade-steps/--stage: ignored, {cfg.model_id} has no cascade stages",
+                          stacklevel=3)
+        return keyframes, ""
+    if cfg.keyframes_only:
+        return keyframes, (f"keyframes only (--keyframes-only): the interpolation and super-resolution stages "
+                           f"were not run")
+    from vmc_fast.cascade import CascadeSettings, run_cascade
+
+    video = run_cascade(backbone.cascade.with_sources(cfg.stages), keyframes, states, cfg.prompt,
+                        CascadeSettings().with_steps(cfg.cascade_steps), cfg.seed, on_step, seconds)
+    return video, ""
 
 
 def _warn_ignored(cfg: GenerateConfig) -> None:
@@ -373,14 +406,6 @@ def write_video_atomic(frames: torch.Tensor, path: str | Path, fps: int = 8) -> 
     with atomic_path(path) as tmp:
         write_clip(frames, tmp, fps)
     return path
-
-
-def _cascade_note(backbone, num_frames: int, height: int, width: int) -> str:
-    if backbone.family != "show1" and not backbone.stages:
-        return ""  # single-stage models: the keyframe UNet's output is the whole video
-    return (f"keyframes only: {num_frames} frames at {width}x{height} from the keyframe model. Show-1's "
-            f"interpolation (8 -> 29 frames) and super-resolution stages (256x160, 576x320) are not available "
-            f"yet, so they were not run.")
 
 
 def _precision(precision: str, device: torch.device):

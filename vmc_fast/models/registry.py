@@ -53,8 +53,8 @@ class Backbone:
     """Latent models only: encodes (N, 3, H, W) pixels in [-1, 1] into latents. None for pixel-space models."""
     vae_scaling_factor: float = 1.0
     """Latents are multiplied by this after encoding (diffusers convention)."""
-    stages: dict[str, Any] = field(default_factory=dict)
-    """Extra frozen stages used by `generate` (e.g. Show-1 interpolation and super-resolution)."""
+    cascade: Any = None
+    """Frozen stages `generate` runs after the keyframes (a `vmc_fast.cascade.Show1Cascade`); None: single-stage."""
     benchmark_only: bool = False
     """True for random-weight builds of a real architecture: fine for speed/memory, meaningless outputs."""
 

@@ -24,6 +24,7 @@ from torch import nn
 from vmc_fast.errors import VmcError
 from vmc_fast.models.registry import Backbone, LoadOptions, hub_file, register, register_family
 from vmc_fast.models.show1 import Show1Config, Show1UNet3D, init_random_weights, is_show1_unet_config
+from vmc_fast.models.show1_stages import show1_cascade, tiny_cascade
 
 PROMPT_LENGTH = 77
 """Show-1 (like DeepFloyd IF) encodes every prompt to exactly 77 T5 tokens."""
@@ -285,7 +286,7 @@ def load_show1_backbone(model_id: str, unet_config: dict, options: LoadOptions) 
         model_id=model_id, family="show1", unet=unet, noise_scheduler=load_show1_scheduler(model_id),
         load_text_encoder=partial(load_show1_text_encoder, model_id, device=options.device, dtype=options.dtype,
                                   load_in_8bit=load_in_8bit),
-        num_frames=8, height=40, width=64)
+        num_frames=8, height=40, width=64, cascade=show1_cascade(options))
 
 
 TINY_SEED = 0
@@ -351,12 +352,12 @@ def build_tiny_random_unet(seed: int = TINY_SEED) -> Show1UNet3D:
 def build_tiny_random_backbone(options: LoadOptions) -> Backbone:
     """``show1-tiny-random``: tiny random keyframe UNet, tiny T5, Show-1 DDPM; 8 frames at 16x24.
 
-    Interpolation and super-resolution stages are not provided yet (``stages`` is empty).
+    Its cascade has tiny random interpolation, IF-II and super-resolution stages (29 frames at 96x144).
     """
     unet = build_tiny_random_unet().to(device=options.device, dtype=options.dtype)
     return Backbone(model_id="show1-tiny-random", family="show1", unet=unet, noise_scheduler=show1_scheduler(),
                     load_text_encoder=partial(_tiny_prompt_encoder, options.device),
-                    num_frames=8, height=16, width=24)
+                    num_frames=8, height=16, width=24, cascade=tiny_cascade(options))
 
 
 def build_base_arch_backbone(options: LoadOptions) -> Backbone:
@@ -376,6 +377,7 @@ def build_base_arch_backbone(options: LoadOptions) -> Backbone:
 
 register_family("show1", is_show1_unet_config, load_show1_backbone)
 register("show1-tiny-random", build_tiny_random_backbone,
-         "tiny random Show-1 keyframe UNet + tiny T5 (CPU tests and smoke runs, no download)")
+         "tiny random Show-1 family: keyframe UNet, tiny T5, interpolation and super-resolution stages (CPU tests "
+         "and smoke runs, no download)")
 register("show1-base-arch", build_base_arch_backbone,
          "full Show-1 base architecture with random weights (benchmarks only; random text states)")
