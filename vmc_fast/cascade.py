@@ -301,6 +301,7 @@ def _sr1_window(stage: PixelStage, window: torch.Tensor, given: torch.Tensor | N
     b, c, f, h, w = window.shape
     device = window.device
     generator = _generator(seed, device)
+    noise = torch.randn((b, c, f, 4 * h, 4 * w), generator=generator, device=device)  # drawn first, as the original
     frames = window[0].permute(1, 0, 2, 3)  # (F, C, h, w)
     upscaled = F.interpolate(frames, (4 * h, 4 * w), mode="bilinear", align_corners=True).permute(1, 0, 2, 3)[None]
     level = torch.tensor([settings.sr1_noise_level], device=device)
@@ -308,7 +309,6 @@ def _sr1_window(stage: PixelStage, window: torch.Tensor, given: torch.Tensor | N
         upscaled, torch.randn(upscaled.shape, generator=generator, device=device), level)
     if given is not None:
         upscaled[:, :, 0] = given.to(upscaled)
-    noise = torch.randn((b, c, f, 4 * h, 4 * w), generator=generator, device=device)
     return guided_ddpm(stage, noise, upscaled, states, settings.sr1_steps, settings.sr1_guidance, generator,
                        class_labels=level, on_step=on_step)
 
