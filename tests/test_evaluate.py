@@ -164,6 +164,8 @@ def test_demo_cli_tunes_renders_and_scores(tmp_path):
                                  "--inference-steps", "2"])
     assert result.exit_code == 0, result.output
     assert "motion" in result.output and "demo.gif" in result.output
+    # without a terminal (as here) progress still shows as plain lines; the last one at 100%
+    assert re.search(r"zigzag.*: (\d+)/\1 UNet calls, \d+ s elapsed, ETA 0.0 min", result.output), result.output
     tensors, info = read_adapter(out / "adapters" / "zigzag.safetensors")
     assert info.base_model == "toy" and info.prompt == "a circle moving in a zigzag" and info.steps == 3
     frames = load_clip(out / "demo.gif", FrameSampling(num_frames=8, height=32, width=3 * 32 + 2 * 2,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -301,16 +302,30 @@ Examples:\n
 """
 
 
+PLAIN_PROGRESS_EVERY_S = 60.0
+"""Without a terminal (a log file, CI), long commands print a progress line at most this often."""
+
+
 def _units_progress(console: Console, description: str):
-    """A rich bar over UNet calls (tuning and denoising steps) with ETA; returns (progress, callback)."""
+    """A rich bar over UNet calls (tuning and denoising steps) with ETA; returns (progress, callback).
+
+    Rich draws nothing live without a terminal, so there the callback also prints a plain line now and then.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                         TextColumn("UNet calls  ETA"), TimeRemainingColumn(compact=True), console=console)
     task = progress.add_task(description, total=None)
+    start = last = time.monotonic()
 
     def on_progress(label: str, done: int, total: int) -> None:
+        nonlocal last
         progress.update(task, description=label, completed=done, total=total)
+        now = time.monotonic()
+        if not console.is_terminal and (now - last >= PLAIN_PROGRESS_EVERY_S or done == total) and done:
+            last = now
+            eta = (now - start) / done * (total - done)
+            console.print(f"{label}: {done}/{total} UNet calls, {now - start:.0f} s elapsed, ETA {eta / 60:.1f} min")
 
     return progress, on_progress
 
@@ -385,9 +400,9 @@ def eval_command(
     except ValueError:
         _fail(f"--seeds: {seeds!r} is not a comma-separated list of integers, e.g. 0,1,2", console)
     try:
-        defaults = EvalConfig.__dataclass_fields__
-        cfg = EvalConfig(model_id=model, variants=_names(variants) or defaults["variants"].default,
-                         motions=_names(motions) or defaults["motions"].default, samples=samples, seeds=seed_list,
+        chosen = {name: value for name, value in (("variants", _names(variants)), ("motions", _names(motions)))
+                  if value}  # the rest: EvalConfig's defaults
+        cfg = EvalConfig(model_id=model, **chosen, samples=samples, seeds=seed_list,
                          steps=steps, learning_rate=lr, inference_steps=inference_steps,
                          guidance_scale=guidance_scale, clip_model=clip_model, out_dir=str(out))
         console.print(f"[bold]vmc-fast eval[/]: {len(cfg.variants)} variants x {len(cfg.motions)} motions x "
