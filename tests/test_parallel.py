@@ -55,3 +55,21 @@ def test_zero_stage2_on_two_cpu_ranks(tmp_path):
     # The engine is built once; before c its master weights and Adam moments were reset, so c repeats a exactly.
     assert all(torch.equal(a[k], c[k]) for k in a)
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_zero_stage3_partitions_parameters_and_still_writes_whole_adapters(tmp_path):
+    """With the persistence threshold at 0 every parameter is partitioned, as the large ones of a real model are:
+    adapters must be gathered whole before writing, and resetting between videos must reach every partition."""
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    result, out = _train(tmp_path, "--strategy", "zero", "--zero-stage", "3", "--deepspeed-config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {e["status"] for e in _entries(out).values()} == {"done"}
+    a, b, c = (load_file(out / "adapters" / f"{n}.safetensors") for n in "abc")
+    from vmc_fast.models import load_backbone
+
+    base = dict(load_backbone("tiny-random").unet.named_parameters())
+    assert all(a[k].shape == base[k].shape for k in a)  # not the empty local partitions
+    assert not all(torch.equal(a[k], base[k].detach()) for k in a)  # tuned
+    assert all(torch.equal(a[k], c[k]) for k in a) and not all(torch.equal(a[k], b[k]) for k in a)

@@ -12,6 +12,7 @@ On a machine without CUDA the ranks are CPU processes talking over gloo; that is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -166,14 +167,31 @@ class DeepSpeedStep:
         """Start a new video: master weights from the (already reset) module params, zero Adam moments."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        for param in params:
-            full = param.detach().clone().float()
+        with full_parameters(params):
+            values = [param.detach().clone().float() for param in params]
+        for param, full in zip(params, values):
             safe_set_full_fp32_param(param, full)
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(param, torch.zeros_like(full), key)
         for state in self.engine.optimizer.optimizer.state.values():
             if "step" in state:
                 state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+
+
+@contextlib.contextmanager
+def full_parameters(params: list[nn.Parameter], modify: bool = False):
+    """Inside, ZeRO-3-partitioned `params` are whole on every rank; anything else is left as it is.
+
+    Collective under ZeRO-3: every rank must enter. With `modify`, rank 0's in-place changes are what every
+    rank keeps (partitioned again on exit).
+    """
+    if not any(hasattr(p, "ds_id") for p in params):  # only ZeRO-3 marks its parameters
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
 
 
 if __name__ == "__main__":

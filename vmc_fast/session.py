@@ -21,6 +21,7 @@ from vmc_fast.adapters import atomic_save_file, base_fingerprint, save_adapter
 from vmc_fast.config import RunConfig
 from vmc_fast.data import FrameSampling, load_clip
 from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
+from vmc_fast.parallel import full_parameters
 from vmc_fast.prompts import cached_prompt_embeddings, embedding_model_key
 from vmc_fast.surgery import SurgeryReport, prepare_for_motion_tuning, trainable_state
 from vmc_fast.trainer import OptimizerStep, StepStats, TorchStep, TuneResult, resolve_precision, tune
@@ -160,20 +161,24 @@ class TuningSession:
         result = tune(unet, self.backbone.noise_scheduler.alphas_cumprod, clip, states, self.cfg.train,
                       optimizer_step, on_step)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        with full_parameters(self.params):  # every rank: under ZeRO-3 gathering the tuned tensors is collective
+            state = trainable_state(unet)
         if self.write_adapters:
-            self.save(adapter_path, prompt, result)
+            self.save(adapter_path, prompt, result, state)
         return VideoResult(adapter=adapter_path, result=result, peak_memory_bytes=peak)
 
     def reset_trainable(self) -> None:
         """Copy the base weights back into the tuned tensors (in place: compiled graphs stay valid)."""
-        with torch.no_grad():
+        with torch.no_grad(), full_parameters(self.params, modify=True):
             for param, initial in zip(self.params, self._initial):
                 param.copy_(initial)
 
-    def save(self, path: Path, prompt: str, result: TuneResult) -> Path:
+    def save(self, path: Path, prompt: str, result: TuneResult, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the adapter: `state` (the tuned tensors, whole), else read from the UNet."""
         s = self.sampling
         return save_adapter(
-            path, trainable_state(self.backbone.unet), base_model=self.cfg.model.model_id,
+            path, state if state is not None else trainable_state(self.backbone.unet),
+            base_model=self.cfg.model.model_id,
             fingerprint=self.fingerprint, prompt=prompt, steps=self.cfg.train.steps,
             final_loss=result.final_loss, loss=self.cfg.train.loss, num_frames=s.num_frames, height=s.height,
             width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
