@@ -137,17 +137,17 @@ def run_cascade(cascade: Show1Cascade, keyframes: torch.Tensor, states: dict[str
     states holds (1, L, D) text states under "prompt" and "negative" (the keyframe model's encoder, which the
     pixel stages share); sr2 encodes `prompt` with its own text encoder.
     """
-    from vmc_fast.generate import _timed
+    from vmc_fast.generate import timed
 
     seconds = seconds if seconds is not None else {}
-    with _timed(seconds, "interpolate"):
+    with timed(seconds, "interpolate"):
         stage = cascade.load("interpolation")
         video = interpolate(stage, keyframes[None], states, settings, seed, on_step)
         del stage
         _free()
-    with _timed(seconds, "sr1"):
+    with timed(seconds, "sr1"):
         video = _run_sr1(cascade, video, states, settings, seed, on_step)
-    with _timed(seconds, "sr2"):
+    with timed(seconds, "sr2"):
         pipe = cascade.load("sr2")
         video = refine_sr2(pipe, video, prompt, cascade.sr2_size, settings, seed, on_step)
         del pipe

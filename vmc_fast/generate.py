@@ -252,27 +252,27 @@ def generate(cfg: GenerateConfig, backbone=None, on_step: StepCallback | None = 
     _warn_ignored(cfg)
     seconds: dict[str, float] = {}
     device = _device(cfg.device)
-    with _timed(seconds, "load"):
+    with timed(seconds, "load"):
         backbone = backbone or _load(cfg, device)
         device = next(backbone.unet.parameters()).device
-    with _timed(seconds, "adapter"):
+    with timed(seconds, "adapter"):
         info = _apply_adapter(backbone, cfg.adapter)
     num_frames, height, width = _size(cfg, backbone, info)
-    with _timed(seconds, "prompts"):
+    with timed(seconds, "prompts"):
         states = _prompt_states(cfg, backbone, device)
     scheduler_config = backbone.noise_scheduler.config
     with _precision(cfg.precision, device):
-        with _timed(seconds, "invert"):
+        with timed(seconds, "invert"):
             x_T = _starting_point(cfg, backbone, states, (num_frames, height, width), device, on_step)
-        with _timed(seconds, "sample"):
+        with timed(seconds, "sample"):
             generator = torch.Generator(device).manual_seed(cfg.seed)
             guided = cfg.guidance_scale != 1.0
             x0 = sample(backbone.unet, x_T, states["prompt"], states["negative"] if guided else None,
                         scheduler_config, cfg.num_inference_steps, cfg.guidance_scale, generator, on_step)
-        with _timed(seconds, "decode"):
+        with timed(seconds, "decode"):
             frames = decode(backbone, x0)
         frames, note = _cascade(cfg, backbone, frames, states, seconds, on_step)
-    with _timed(seconds, "write"):
+    with timed(seconds, "write"):
         output = write_video_atomic(frames, cfg.output, cfg.fps) if cfg.output else None
     return GenerateResult(frames=frames, x_T=x_T.cpu(), output=output, seconds=seconds, note=note)
 
@@ -415,7 +415,7 @@ def _precision(precision: str, device: torch.device):
 
 
 @contextlib.contextmanager
-def _timed(seconds: dict[str, float], name: str):
+def timed(seconds: dict[str, float], name: str):
     start = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - start
