@@ -416,6 +416,7 @@ def _precision(precision: str, device: torch.device):
 
 @contextlib.contextmanager
 def timed(seconds: dict[str, float], name: str):
+    """Records the wall time of the block as seconds[name]."""
     start = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - start
