@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from vmc_fast import toyworld
 from vmc_fast.cli import app
 from vmc_fast.data import FrameSampling, load_clip
-from vmc_fast.evaluate import (SPATIAL_PATTERN, VARIANTS, EvalConfig, findings, markdown, new_appearances, run_eval,
-                               score)
+from vmc_fast.evaluate import (SPATIAL_PATTERN, VARIANTS, EvalConfig, findings, markdown, new_appearances,
+                               paired_difference, run_eval, score)
 from vmc_fast.examples import EXAMPLES_DIR, held_out_example, held_out_spec, write_held_out_examples
 
 runner = CliRunner()
@@ -89,6 +89,21 @@ def test_findings_state_both_claims_whichever_way_they_go():
     summary["cos"].update(motion_fidelity=0.3, colour_adherence=0.1)
     assert all("does not hold" in line for line in findings(summary))
     assert findings({"cos": summary["cos"]}) == []
+
+
+def test_findings_say_whether_a_paired_difference_is_beyond_noise():
+    def case(variant, i, fidelity):
+        return {"variant": variant, "motion": "zigzag", "seed": 0, "prompt": f"look {i}", "motion_fidelity": fidelity,
+                "colour_adherence": 0.5, "colour_leak": 0.0}
+
+    summary = {"no-tuning": {"motion_fidelity": 0.5}, "cos": {"motion_fidelity": 0.6}}
+    steady = [case("no-tuning", i, 0.5 + 0.01 * i) for i in range(4)] + \
+             [case("cos", i, 0.6 + 0.01 * i + 0.001 * (i % 2)) for i in range(4)]
+    assert paired_difference(steady, "cos", "no-tuning", "motion_fidelity")[2] == 4
+    assert "paired difference +0.100" in findings(summary, steady)[0] and "beyond 2 s.e." in findings(summary, steady)[0]
+    noisy = [case("no-tuning", i, 0.5) for i in range(4)] + [case("cos", i, [0.9, 0.2, 0.9, 0.4][i]) for i in range(4)]
+    assert "within 2 s.e." in findings(summary, noisy)[0]
+    assert paired_difference(noisy[:1] + noisy[4:5], "cos", "no-tuning", "motion_fidelity") is None
 
 
 def test_spatial_variant_tunes_spatial_attention_only():

@@ -280,25 +280,61 @@ def summarize(samples: list[dict], variants: list[str], motions: list[str]) -> d
     return summary
 
 
-def findings(summary: dict) -> list[str]:
-    """The two claims the evaluation checks, stated with the numbers, whichever way they go."""
+def findings(summary: dict, samples: list[dict] | None = None) -> list[str]:
+    """The two claims the evaluation checks, stated with the numbers, whichever way they go.
+
+    With the samples, each line also gives the paired difference behind it (same motion, seed and asked
+    appearance in both rows) and whether it is beyond two standard errors.
+    """
     lines = []
 
     def get(name, key):
         return summary.get(name, {}).get(key)
 
+    def paired(a, b, key):
+        return _significance(paired_difference(samples, a, b, key)) if samples else ""
+
     base, vmc = get("no-tuning", "motion_fidelity"), get("cos", "motion_fidelity")
     if base is not None and vmc is not None:
         verdict = "holds" if vmc > base else "does not hold"
         lines.append(f"Tuning beats no tuning on motion fidelity: {verdict} here (cos {vmc:.3f} vs no tuning "
-                     f"{base:.3f}).")
+                     f"{base:.3f}{paired('cos', 'no-tuning', 'motion_fidelity')}).")
     cos_c, eps_c = get("cos", "colour_adherence"), get("eps-mse", "colour_adherence")
     cos_l, eps_l = get("cos", "colour_leak"), get("eps-mse", "colour_leak")
     if None not in (cos_c, eps_c, cos_l, eps_l):
         verdict = "holds" if cos_c > eps_c or (cos_c == eps_c and cos_l < eps_l) else "does not hold"
         lines.append(f"The motion loss keeps appearance freer than eps-mse: {verdict} here (asked colour shown "
-                     f"{cos_c:.3f} vs {eps_c:.3f}; reference colour leaking {cos_l:.3f} vs {eps_l:.3f}).")
+                     f"{cos_c:.3f} vs {eps_c:.3f}{paired('cos', 'eps-mse', 'colour_adherence')}; reference colour "
+                     f"leaking {cos_l:.3f} vs {eps_l:.3f}{paired('cos', 'eps-mse', 'colour_leak')}).")
     return lines
+
+
+def paired_difference(samples: list[dict], a: str, b: str, key: str) -> tuple[float, float, int] | None:
+    """(mean of a - b, its standard error, n) over the cases both variants scored; None below 2 cases.
+
+    A case is one motion, seed and asked appearance: every variant renders the same ones, so the pairs share
+    everything but the tuning.
+    """
+    def by_case(name: str) -> dict:
+        return {(r["motion"], r["seed"], r["prompt"]): r[key] for r in samples
+                if r["variant"] == name and r.get(key) is not None}
+
+    first, second = by_case(a), by_case(b)
+    diffs = [first[case] - second[case] for case in sorted(first.keys() & second.keys())]
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return mean, math.sqrt(variance / n), n
+
+
+def _significance(stats: tuple[float, float, int] | None) -> str:
+    if stats is None:
+        return ""
+    mean, se, n = stats
+    where = "beyond" if abs(mean) > 2 * se else "within"
+    return f"; paired difference {mean:+.3f}, s.e. {se:.3f} over {n} cases, {where} 2 s.e."
 
 
 def _report(cfg: EvalConfig, samples: list[dict], seconds: float) -> dict:
@@ -309,7 +345,7 @@ def _report(cfg: EvalConfig, samples: list[dict], seconds: float) -> dict:
             "machine": machine_description(), "seconds": round(seconds, 1),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"},
             "model_training": _model_training(cfg.model_id), "summary": summary,
-            "findings": findings(summary), "samples": samples}
+            "findings": findings(summary, samples), "samples": samples}
 
 
 def _model_training(model_id: str) -> dict | None:
