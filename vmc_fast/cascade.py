@@ -18,6 +18,7 @@ after use, so only one of them is resident beside the keyframe model.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 from dataclasses import dataclass, replace
@@ -131,23 +132,22 @@ class PixelStage:
 
 def run_cascade(cascade: Show1Cascade, keyframes: torch.Tensor, states: dict[str, torch.Tensor], prompt: str,
                 settings: CascadeSettings, seed: int, on_step: StepCallback | None = None,
-                seconds: dict[str, float] | None = None) -> torch.Tensor:
+                timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
     """Keyframes (3, F, h, w) in [-1, 1] -> the final video (3, 4F-3, H, W) in [-1, 1], float32 on the CPU.
 
     states holds (1, L, D) text states under "prompt" and "negative" (the keyframe model's encoder, which the
-    pixel stages share); sr2 encodes `prompt` with its own text encoder.
+    pixel stages share); sr2 encodes `prompt` with its own text encoder. `timer(name)` wraps each stage
+    (interpolate, sr1, sr2), e.g. to time it.
     """
-    from vmc_fast.generate import timed
-
-    seconds = seconds if seconds is not None else {}
-    with timed(seconds, "interpolate"):
+    timer = timer or (lambda name: contextlib.nullcontext())
+    with timer("interpolate"):
         stage = cascade.load("interpolation")
         video = interpolate(stage, keyframes[None], states, settings, seed, on_step)
         del stage
         _free()
-    with timed(seconds, "sr1"):
+    with timer("sr1"):
         video = _run_sr1(cascade, video, states, settings, seed, on_step)
-    with timed(seconds, "sr2"):
+    with timer("sr2"):
         pipe = cascade.load("sr2")
         video = refine_sr2(pipe, video, prompt, cascade.sr2_size, settings, seed, on_step)
         del pipe

@@ -15,6 +15,7 @@ Only the keyframe UNet carries the motion adapter; the cascade stages are used f
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import warnings
@@ -291,7 +292,8 @@ def _cascade(cfg: GenerateConfig, backbone, keyframes: torch.Tensor, states: dic
     from vmc_fast.cascade import CascadeSettings, run_cascade
 
     video = run_cascade(backbone.cascade.with_sources(cfg.stages), keyframes, states, cfg.prompt,
-                        CascadeSettings().with_steps(cfg.cascade_steps), cfg.seed, on_step, seconds)
+                        CascadeSettings().with_steps(cfg.cascade_steps), cfg.seed, on_step,
+                        timer=functools.partial(timed, seconds))
     return video, ""
 
 

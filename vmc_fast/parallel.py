@@ -163,11 +163,20 @@ class DeepSpeedStep:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else math.nan
 
+    def full_parameters(self, modify: bool = False) -> contextlib.AbstractContextManager:
+        """ZeRO-3: gathers the partitions (collective: every rank must enter); with `modify`, rank 0's in-place
+        changes are what every rank keeps. Other stages: nothing to do."""
+        if not any(hasattr(p, "ds_id") for p in self.params):  # only ZeRO-3 marks its parameters
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if modify else None)
+
     def reset(self, params: list[nn.Parameter]) -> None:
         """Start a new video: master weights from the (already reset) module params, zero Adam moments."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        with full_parameters(params):
+        with self.full_parameters():
             values = [param.detach().clone().float() for param in params]
         for param, full in zip(params, values):
             safe_set_full_fp32_param(param, full)
@@ -176,22 +185,6 @@ class DeepSpeedStep:
         for state in self.engine.optimizer.optimizer.state.values():
             if "step" in state:
                 state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
-
-
-@contextlib.contextmanager
-def full_parameters(params: list[nn.Parameter], modify: bool = False):
-    """Inside, ZeRO-3-partitioned `params` are whole on every rank; anything else is left as it is.
-
-    Collective under ZeRO-3: every rank must enter. With `modify`, rank 0's in-place changes are what every
-    rank keeps (partitioned again on exit).
-    """
-    if not any(hasattr(p, "ds_id") for p in params):  # only ZeRO-3 marks its parameters
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
-        yield
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ frozen weights are never copied per video.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ from vmc_fast.adapters import atomic_save_file, base_fingerprint, save_adapter
 from vmc_fast.config import RunConfig
 from vmc_fast.data import FrameSampling, load_clip
 from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
-from vmc_fast.parallel import full_parameters
 from vmc_fast.prompts import cached_prompt_embeddings, embedding_model_key
 from vmc_fast.surgery import SurgeryReport, prepare_for_motion_tuning, trainable_state
 from vmc_fast.trainer import OptimizerStep, StepStats, TorchStep, TuneResult, resolve_precision, tune
@@ -59,6 +59,7 @@ class TuningSession:
         self.params = [p for p in self.backbone.unet.parameters() if p.requires_grad]
         self._initial = [p.detach().clone() for p in self.params]
         self._make_optimizer_step = make_optimizer_step or (lambda unet, params: TorchStep(params, cfg.train))
+        self._optimizer_step: OptimizerStep | None = None  # the latest; it knows whether parameters are partitioned
         self.sampling = self._sampling()
 
     # ------------------------------------------------------------------------------------------ setup steps
@@ -156,12 +157,12 @@ class TuningSession:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         unet = self.backbone.unet
-        optimizer_step = self._make_optimizer_step(unet, self.params)
+        self._optimizer_step = self._make_optimizer_step(unet, self.params)
         states = text_states.unsqueeze(0).to(self.device)
         result = tune(unet, self.backbone.noise_scheduler.alphas_cumprod, clip, states, self.cfg.train,
-                      optimizer_step, on_step)
+                      self._optimizer_step, on_step)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
-        with full_parameters(self.params):  # every rank: under ZeRO-3 gathering the tuned tensors is collective
+        with self._optimizer_step.full_parameters():  # on every rank: under ZeRO-3 gathering is collective
             state = trainable_state(unet)
         if self.write_adapters:
             self.save(adapter_path, prompt, result, state)
@@ -169,7 +170,8 @@ class TuningSession:
 
     def reset_trainable(self) -> None:
         """Copy the base weights back into the tuned tensors (in place: compiled graphs stay valid)."""
-        with torch.no_grad(), full_parameters(self.params, modify=True):
+        step = self._optimizer_step
+        with torch.no_grad(), step.full_parameters(modify=True) if step else contextlib.nullcontext():
             for param, initial in zip(self.params, self._initial):
                 param.copy_(initial)
 

@@ -24,6 +24,11 @@ class OptimizerStep(Protocol):
 
     def __call__(self, loss: torch.Tensor) -> float: ...
 
+    def full_parameters(self, modify: bool = False) -> contextlib.AbstractContextManager:
+        """Inside, the trained parameters are whole on this rank (ZeRO-3 partitions them across ranks); with
+        `modify`, in-place changes made inside are kept."""
+        ...
+
 
 @dataclass
 class StepStats:
@@ -72,6 +77,9 @@ class TorchStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def full_parameters(self, modify: bool = False) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # never partitioned
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
