@@ -51,6 +51,10 @@ def launch(cfg: RunConfig) -> RunSummary:
     """Start `num_ranks` worker processes with torch.distributed.run and wait for them."""
     num_ranks = cfg.parallel.num_ranks
     jobs = plan_jobs(cfg)  # fail fast on bad input, before any process starts
+    if resolve_strategy(cfg, len(jobs)) == "zero" and cfg.train.optimizer == "adamw8bit":
+        raise VmcError("--optimizer adamw8bit does not combine with the zero strategy (DeepSpeed resets Adam's "
+                       "own moments between videos); use --optimizer adamw, whose moments ZeRO shards across "
+                       "ranks, or --strategy videos")
     out = prepare_out_dir(cfg)
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -176,15 +180,32 @@ class DeepSpeedStep:
         """Start a new video: master weights from the (already reset) module params, zero Adam moments."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
         with self.full_parameters():
             values = [param.detach().clone().float() for param in params]
         for param, full in zip(params, values):
+            if hasattr(param, "ds_id"):  # ZeRO-3: write this rank's partition (the full setters assume no padding)
+                local = _local_partition(param, full)
+                safe_set_local_fp32_param(param, local)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_local_optimizer_state(param, torch.zeros_like(local), key)
+                continue
             safe_set_full_fp32_param(param, full)
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(param, torch.zeros_like(full), key)
         for state in self.engine.optimizer.optimizer.state.values():
             if "step" in state:
                 state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+
+
+def _local_partition(param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of `full`: flattened, zero-padded to equal parts, this rank's part."""
+    size = param.ds_tensor.numel()
+    group = param.ds_process_group
+    rank, num_ranks = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    flat = torch.nn.functional.pad(full.flatten(), (0, size * num_ranks - full.numel()))
+    return flat[rank * size:(rank + 1) * size]
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ class TuningSession:
         result = tune(unet, self.backbone.noise_scheduler.alphas_cumprod, clip, states, self.cfg.train,
                       self._optimizer_step, on_step)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
-        with self._optimizer_step.full_parameters():  # on every rank: under ZeRO-3 gathering is collective
+        with _whole(self._optimizer_step):  # on every rank: under ZeRO-3 gathering is collective
             state = trainable_state(unet)
         if self.write_adapters:
             self.save(adapter_path, prompt, result, state)
@@ -170,8 +170,7 @@ class TuningSession:
 
     def reset_trainable(self) -> None:
         """Copy the base weights back into the tuned tensors (in place: compiled graphs stay valid)."""
-        step = self._optimizer_step
-        with torch.no_grad(), step.full_parameters(modify=True) if step else contextlib.nullcontext():
+        with torch.no_grad(), _whole(self._optimizer_step, modify=True):
             for param, initial in zip(self.params, self._initial):
                 param.copy_(initial)
 
@@ -186,3 +185,9 @@ class TuningSession:
             width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
                                   "reverse": s.reverse, "family": self.backbone.family},
         )
+
+
+def _whole(step: OptimizerStep | None, modify: bool = False) -> contextlib.AbstractContextManager:
+    """The step's gather of partitioned parameters (ZeRO-3); nothing for steps that never partition them."""
+    full_parameters = getattr(step, "full_parameters", None)  # optional for steps written before ZeRO-3
+    return full_parameters(modify) if full_parameters is not None else contextlib.nullcontext()
