@@ -71,6 +71,15 @@ def test_interpolation_conditions_each_window_on_its_two_keyframes():
     torch.testing.assert_close(unet.calls[0]["sample"][0, :3], unet.calls[1]["sample"][0, :3])  # same noise
 
 
+def test_a_fixed_variance_scheduler_is_given_the_epsilon_half_only():
+    from vmc_fast.models.show1_pipeline import SHOW1_SCHEDULER_CONFIG
+
+    scheduler = show1_scheduler({**SHOW1_SCHEDULER_CONFIG, "variance_type": "fixed_small"})
+    video = interpolate(PixelStage(unet=RecordingUNet(), scheduler=scheduler), _keyframes(2), _states(), ONE_STEP,
+                        seed=0)
+    assert video.shape == (1, 3, 5, 8, 8) and torch.isfinite(video).all()
+
+
 def test_sr1_noises_the_upscaled_input_but_keeps_the_given_first_frame():
     from diffusers import DDPMScheduler
 
@@ -127,6 +136,8 @@ def test_a_missing_stage_folder_names_the_stage_and_the_fix(tmp_path):
         cascade.with_sources({"sr3": "x"})
     with pytest.raises(ValueError, match="only sr1_first_frame can be skipped"):
         cascade.with_sources({"sr2": "none"})
+    with pytest.raises(VmcError, match="--stage sr1_first_frame=none"):
+        cascade.with_sources({"sr1_first_frame": str(tmp_path / "nowhere")}).load("sr1_first_frame")
 
 
 def test_without_the_first_frame_model_sr1_still_runs():
@@ -168,6 +179,7 @@ def test_cascade_options_on_a_single_stage_model_warn(tmp_path):
 @pytest.mark.parametrize("overrides, option", [
     (dict(cascade_steps=0), "--cascade-steps"),
     (dict(stages={"sr3": "x"}), "--stage"),
+    (dict(stages={"sr2": "none"}), "--stage: only sr1_first_frame can be skipped"),
 ])
 def test_bad_cascade_options_raise_value_error_naming_the_option(overrides, option):
     with pytest.raises(ValueError, match=option):

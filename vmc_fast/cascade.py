@@ -110,12 +110,17 @@ class Show1Cascade:
 
     def with_sources(self, overrides: dict[str, str]) -> "Show1Cascade":
         """The same cascade with some stages taken from elsewhere (`--stage NAME=ID`)."""
-        for name, source in overrides.items():
-            if name not in STAGES:
-                raise ValueError(f"--stage: unknown stage {name!r}; stages are {', '.join(STAGES)}")
-            if source == NO_STAGE and name != "sr1_first_frame":
-                raise ValueError(f"--stage: only sr1_first_frame can be skipped with 'none', not {name}")
+        check_stage_sources(overrides)
         return replace(self, sources={**self.sources, **overrides})
+
+
+def check_stage_sources(sources: dict[str, str]) -> None:
+    """ValueError naming `--stage` for an unknown stage, or for skipping a stage that cannot be skipped."""
+    for name, source in sources.items():
+        if name not in STAGES:
+            raise ValueError(f"--stage: unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        if source == NO_STAGE and name != "sr1_first_frame":
+            raise ValueError(f"--stage: only sr1_first_frame can be skipped with 'none', not {name}")
 
 
 @dataclass
@@ -137,7 +142,7 @@ def run_cascade(cascade: Show1Cascade, keyframes: torch.Tensor, states: dict[str
 
     states holds (1, L, D) text states under "prompt" and "negative" (the keyframe model's encoder, which the
     pixel stages share); sr2 encodes `prompt` with its own text encoder. `timer(name)` wraps each stage
-    (interpolate, sr1, sr2), e.g. to time it.
+    (interpolate, sr1, sr2), loading included, e.g. to time it.
     """
     timer = timer or (lambda name: contextlib.nullcontext())
     with timer("interpolate"):
@@ -197,6 +202,7 @@ def guided_ddpm(stage: PixelStage, noise: torch.Tensor, condition: torch.Tensor,
     labels = None if class_labels is None else class_labels.to(param.device).repeat(2)
     x = noise.float()
     channels = x.shape[1]
+    learned_variance = scheduler.config.variance_type in ("learned", "learned_range")
     total = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
         model_input = torch.cat([x, condition.to(x)], dim=1).expand(2, -1, -1, -1, -1)
@@ -204,7 +210,9 @@ def guided_ddpm(stage: PixelStage, noise: torch.Tensor, condition: torch.Tensor,
         out = stage.unet(model_input.to(param.dtype), t.to(param.device), text, **kwargs)
         out = (out.sample if hasattr(out, "sample") else out).float()
         (eps_cond, variance), (eps_uncond, _) = out[:1].split(channels, 1), out[1:].split(channels, 1)
-        model_output = torch.cat([eps_uncond + guidance * (eps_cond - eps_uncond), variance], dim=1)
+        model_output = eps_uncond + guidance * (eps_cond - eps_uncond)
+        if learned_variance:  # the conditional branch's variance, as the original
+            model_output = torch.cat([model_output, variance], dim=1)
         x = _framewise_step(scheduler, model_output, t, x, generator)
         if on_step is not None:
             on_step(i + 1, total)
@@ -219,8 +227,10 @@ def _framewise_step(scheduler, model_output: torch.Tensor, t: torch.Tensor, x: t
     return prev.permute(1, 0, 2, 3)[None]
 
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device).manual_seed(seed)
+def _generator(seed: int) -> torch.Generator:
+    """A seeded CPU generator, as the original's torch.manual_seed(seed): draws are made on the CPU and moved, so
+    a seed gives the same video on any device."""
+    return torch.Generator("cpu").manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------- the stages
@@ -236,7 +246,7 @@ def interpolate(stage: PixelStage, keyframes: torch.Tensor, states: dict[str, to
     b, c, num_keyframes, h, w = keyframes.shape
     device = next(stage.unet.parameters()).device
     keyframes = keyframes.float().to(device)
-    noise = torch.randn((b, c, 5, h, w), generator=_generator(seed, torch.device("cpu"))).to(device)
+    noise = torch.randn((b, c, 5, h, w), generator=_generator(seed)).to(device)
     mask = torch.zeros((b, 1, 5, h, w), device=device)
     mask[:, :, [0, -1]] = 1
     video = torch.zeros((b, c, 4 * (num_keyframes - 1) + 1, h, w), device=device)
@@ -246,7 +256,7 @@ def interpolate(stage: PixelStage, keyframes: torch.Tensor, states: dict[str, to
         report = _offset(on_step, "interpolate", i * settings.interp_steps, total)
         video[:, :, 4 * i:4 * i + 5] = guided_ddpm(stage, noise, torch.cat([blend, mask], 1), states,
                                                    settings.interp_steps, settings.interp_guidance,
-                                                   _generator(seed, device), on_step=report)
+                                                   _generator(seed), on_step=report)
     return video
 
 
@@ -257,10 +267,11 @@ def upscale_first_frame(pipe, frame: torch.Tensor, states: dict[str, torch.Tenso
     h, w = frame.shape[-2:]
     report = _offset(on_step, "sr1 first frame", 0, settings.first_frame_steps)
     callback = None if report is None else (lambda i, t, x: report(i + 1, settings.first_frame_steps))
-    image = pipe(image=frame.to(param.device, param.dtype), prompt_embeds=states["prompt"].to(param.device, param.dtype),
-                 negative_prompt_embeds=states["negative"].to(param.device, param.dtype), height=4 * h, width=4 * w,
+    place = dict(device=param.device, dtype=param.dtype)
+    image = pipe(image=frame.to(**place), prompt_embeds=states["prompt"].to(**place),
+                 negative_prompt_embeds=states["negative"].to(**place), height=4 * h, width=4 * w,
                  num_inference_steps=settings.first_frame_steps, guidance_scale=settings.first_frame_guidance,
-                 noise_level=settings.first_frame_noise_level, generator=_generator(seed, param.device),
+                 noise_level=settings.first_frame_noise_level, generator=_generator(seed),
                  output_type="pt", callback=callback).images
     return image.float()
 
@@ -300,13 +311,13 @@ def _sr1_window(stage: PixelStage, window: torch.Tensor, given: torch.Tensor | N
                 on_step: Callable[[int, int], None] | None) -> torch.Tensor:
     b, c, f, h, w = window.shape
     device = window.device
-    generator = _generator(seed, device)
-    noise = torch.randn((b, c, f, 4 * h, 4 * w), generator=generator, device=device)  # drawn first, as the original
+    generator = _generator(seed)
+    noise = torch.randn((b, c, f, 4 * h, 4 * w), generator=generator).to(device)  # drawn first, as the original
     frames = window[0].permute(1, 0, 2, 3)  # (F, C, h, w)
     upscaled = F.interpolate(frames, (4 * h, 4 * w), mode="bilinear", align_corners=True).permute(1, 0, 2, 3)[None]
     level = torch.tensor([settings.sr1_noise_level], device=device)
     upscaled = stage.image_noising_scheduler.add_noise(
-        upscaled, torch.randn(upscaled.shape, generator=generator, device=device), level)
+        upscaled, torch.randn(upscaled.shape, generator=generator).to(device), level)
     if given is not None:
         upscaled[:, :, 0] = given.to(upscaled)
     return guided_ddpm(stage, noise, upscaled, states, settings.sr1_steps, settings.sr1_guidance, generator,
@@ -332,7 +343,7 @@ def refine_sr2(pipe, video: torch.Tensor, prompt: str, size: tuple[int, int], se
     callback = None if report is None else (lambda i, t, x: report(min(i + 1, total), total))
     out = pipe(prompt, video=[frames], negative_prompt=settings.sr2_negative_prompt,
                strength=settings.sr2_strength, num_inference_steps=steps,
-               guidance_scale=settings.sr2_guidance, generator=_generator(seed, param.device), output_type="pt",
+               guidance_scale=settings.sr2_guidance, generator=_generator(seed), output_type="pt",
                callback=callback).frames
     # diffusers returns (B, F, C, H, W) in [0, 1]
     return (out.float() * 2 - 1).permute(0, 2, 1, 3, 4)

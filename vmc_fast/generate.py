@@ -107,10 +107,9 @@ class GenerateConfig:
         check_field(self.device in DEVICES, "--device", f"must be one of {', '.join(DEVICES)}")
         check_field(self.cascade_steps is None or 1 <= self.cascade_steps <= 1000, "--cascade-steps",
                     "must be between 1 and 1000")
-        from vmc_fast.cascade import STAGES
+        from vmc_fast.cascade import check_stage_sources
 
-        for name in self.stages:
-            check_field(name in STAGES, "--stage", f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        check_stage_sources(self.stages)
         self._check_paths()
 
     def _check_paths(self) -> None:

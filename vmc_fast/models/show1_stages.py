@@ -43,12 +43,12 @@ def load_stage(name: str, source: str, options: LoadOptions):
               "sr1_first_frame": load_first_frame_pipeline, "sr2": load_sr2_pipeline}[name]
     try:
         return loader(source, options)
-    except VmcError as exc:
-        raise VmcError(f"cascade stage {name}: {exc}. Point it elsewhere with --stage {name}=FOLDER, or pass "
-                       f"--keyframes-only") from exc
-    except (OSError, ValueError) as exc:
-        raise VmcError(f"cascade stage {name}: could not load {source!r} ({type(exc).__name__}: {exc}). Point it "
-                       f"elsewhere with --stage {name}=FOLDER, or pass --keyframes-only") from exc
+    except (VmcError, OSError, ValueError) as exc:
+        detail = str(exc) if isinstance(exc, VmcError) else f"could not load {source!r} ({type(exc).__name__}: {exc})"
+        skip = " or skip it with --stage sr1_first_frame=none (IF-II is gated on the hub)," \
+            if name == "sr1_first_frame" else ""
+        raise VmcError(f"cascade stage {name}: {detail}. Point it elsewhere with --stage {name}=FOLDER,{skip} or "
+                       f"pass --keyframes-only") from exc
 
 
 # ---------------------------------------------------------------------------------------------- real weights
@@ -85,8 +85,11 @@ def load_sr2_pipeline(model_id: str, options: LoadOptions):
     return _placed(VideoToVideoSDPipeline.from_pretrained(model_id, torch_dtype=options.dtype), options)
 
 
+
 def _placed(pipe, options: LoadOptions):
     pipe.set_progress_bar_config(disable=True)  # progress goes through generate's own bars
+    if hasattr(pipe, "vae"):
+        pipe.vae.enable_slicing()  # sr2 sends every frame through its VAE at once otherwise (29 at 576x320)
     return pipe.to(options.device)
 
 
@@ -137,7 +140,8 @@ def _tiny_first_frame_pipeline(options: LoadOptions):
         torch.manual_seed(3)
         unet = UNet2DConditionModel(
             in_channels=6, out_channels=6, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8, class_embed_type="timestep")
     pipe = IFSuperResolutionPipeline(
         tokenizer=None, text_encoder=None, unet=unet, scheduler=DDPMScheduler.from_config(SHOW1_SCHEDULER_CONFIG),
