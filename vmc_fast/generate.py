@@ -269,8 +269,9 @@ def generate(cfg: GenerateConfig, backbone=None, on_step: StepCallback | None = 
             guided = cfg.guidance_scale != 1.0
             x0 = sample(backbone.unet, x_T, states["prompt"], states["negative"] if guided else None,
                         scheduler_config, cfg.num_inference_steps, cfg.guidance_scale, generator, on_step)
-        with timed(seconds, "decode"):
-            frames = decode(backbone, x0)
+    with timed(seconds, "decode"):
+        frames = decode(backbone, x0)
+    with _precision(cfg.precision, device):
         frames, note = _cascade(cfg, backbone, frames, states, seconds, on_step)
     with timed(seconds, "write"):
         output = write_video_atomic(frames, cfg.output, cfg.fps) if cfg.output else None
