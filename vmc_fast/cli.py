@@ -325,7 +325,8 @@ def _units_progress(console: Console, description: str):
         if not console.is_terminal and (now - last >= PLAIN_PROGRESS_EVERY_S or done == total) and done:
             last = now
             eta = (now - start) / done * (total - done)
-            console.print(f"{label}: {done}/{total} UNet calls, {now - start:.0f} s elapsed, ETA {eta / 60:.1f} min")
+            console.print(f"{label}: {done}/{total} UNet calls, {now - start:.0f} s elapsed, ETA {eta / 60:.1f} min",
+                          soft_wrap=True)  # one line per report in a log, whatever width rich guesses
 
     return progress, on_progress
 
