@@ -174,14 +174,12 @@ class TuningSession:
             for param, initial in zip(self.params, self._initial):
                 param.copy_(initial)
 
-    def save(self, path: Path, prompt: str, result: TuneResult, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write the adapter: `state` (the tuned tensors, whole), else read from the UNet."""
+    def save(self, path: Path, prompt: str, result: TuneResult, state: dict[str, torch.Tensor]) -> Path:
+        """Write the adapter of `state`, the tuned tensors (whole, on the CPU)."""
         s = self.sampling
         return save_adapter(
-            path, state if state is not None else trainable_state(self.backbone.unet),
-            base_model=self.cfg.model.model_id,
-            fingerprint=self.fingerprint, prompt=prompt, steps=self.cfg.train.steps,
-            final_loss=result.final_loss, loss=self.cfg.train.loss, num_frames=s.num_frames, height=s.height,
+            path, state, base_model=self.cfg.model.model_id, fingerprint=self.fingerprint, prompt=prompt,
+            steps=self.cfg.train.steps, final_loss=result.final_loss, loss=self.cfg.train.loss, num_frames=s.num_frames, height=s.height,
             width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
                                   "reverse": s.reverse, "family": self.backbone.family},
         )
