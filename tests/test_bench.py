@@ -29,12 +29,12 @@ def test_run_one_measures_a_cpu_preset():
 
 @pytest.mark.slow
 def test_bench_cli_writes_json_records(tmp_path):
-    result = CliRunner().invoke(app, ["bench", "--presets", "fast-compile", "--steps", "1", "--warmup", "0",
+    result = CliRunner().invoke(app, ["bench", "--presets", "fast-eager", "--steps", "1", "--warmup", "0",
                                       "--results", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     [line] = (tmp_path / "bench-cpu.jsonl").read_text().splitlines()
     record = json.loads(line)
-    assert record["preset"]["name"] == "fast-compile" and record["preset"]["frozen_dtype"] == "bf16"
+    assert record["preset"]["name"] == "fast-eager" and record["preset"]["frozen_dtype"] == "bf16"
     for key in ("git_sha", "versions", "device", "date", "step_seconds", "total_seconds_400"):
         assert key in record
     assert record["versions"]["torch"].startswith("2.") and record["device"]["type"] == "cpu"
@@ -47,7 +47,7 @@ def test_unknown_preset_is_named():
 
 def test_presets_change_one_lever_at_a_time():
     for name, preset in PRESETS.items():
-        # "fast-compile+int8" is fast-compile plus one lever; "paper-t5" is paper minus one.
+        # "fast-eager+int8" is fast-eager plus one lever; "paper-t5-freed" is paper minus one.
         parent = name.rsplit("+", 1)[0] if "+" in name else name.split("-")[0]
         base = PRESETS[parent]
         changed = [f for f in ("frozen_dtype", "precision", "checkpointing", "compile", "attention", "optimizer",

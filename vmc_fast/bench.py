@@ -12,6 +12,7 @@ import dataclasses
 import datetime as _dt
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import subprocess
@@ -60,25 +61,49 @@ class Preset:
 PAPER = Preset("paper", "fp32", "fp16", True, "off", text_encoder_resident=True,
                about="public code: fp32 UNet, fp16 autocast, checkpointing, eager, T5 resident")
 FAST = Preset("fast", "bf16", "bf16", False, "regional", about="bf16 weights+autocast, regional compile, T5 freed")
+# Names say what changed from their parent: `paper-X` / `fast-X` remove or swap one lever, `+X` adds one.
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     PAPER,
-    dataclasses.replace(PAPER, name="paper-t5", text_encoder_resident=False, about="paper, T5 freed"),
+    dataclasses.replace(PAPER, name="paper-t5-freed", text_encoder_resident=False, about="paper, T5 freed"),
     dataclasses.replace(PAPER, name="paper+bf16", frozen_dtype="bf16", precision="bf16",
                         about="paper, bf16 weights and autocast"),
-    dataclasses.replace(PAPER, name="paper-ckpt", checkpointing=False, about="paper, no checkpointing"),
+    dataclasses.replace(PAPER, name="paper-no-ckpt", checkpointing=False, about="paper, no checkpointing"),
     dataclasses.replace(PAPER, name="paper+compile", compile="regional", about="paper, regional compile"),
     FAST,
-    dataclasses.replace(FAST, name="fast-compile", compile="off", about="fast, eager"),
+    dataclasses.replace(FAST, name="fast-eager", compile="off", about="fast, eager (no compile)"),
     dataclasses.replace(FAST, name="fast+ckpt", checkpointing=True, about="fast, checkpointing"),
     dataclasses.replace(FAST, name="fast+int8", frozen_dtype="int8", optimizer="adamw8bit",
-                        about="fast, int8 linears + fp8 convs, 8-bit AdamW"),
+                        about="fast, int8 linears + 8-bit convs, 8-bit AdamW"),
     dataclasses.replace(FAST, name="fast+triton", attention="triton", about="fast, Triton temporal attention"),
-    dataclasses.replace(FAST, name="fast-compile+int8", compile="off", frozen_dtype="int8", optimizer="adamw8bit",
+    dataclasses.replace(FAST, name="fast+xformers", attention="xformers", about="fast, xformers temporal attention"),
+    dataclasses.replace(FAST, name="fast-eager+int8", compile="off", frozen_dtype="int8", optimizer="adamw8bit",
                         about="fast eager, int8 linears + 8-bit convs, 8-bit AdamW"),
 )}
-DEFAULT_PRESETS_GPU = ("paper", "paper-t5", "paper+bf16", "fast-compile", "fast", "fast+int8")
+DEFAULT_PRESETS_GPU = ("paper", "fast", "fast-eager", "fast+int8", "paper+bf16", "paper-t5-freed")
 # Inductor needs many minutes per preset on a 2-core CPU, so CPU defaults compare the eager levers.
-DEFAULT_PRESETS_CPU = ("paper", "paper-t5", "paper-ckpt", "paper+bf16", "fast-compile", "fast-compile+int8")
+DEFAULT_PRESETS_CPU = ("paper", "paper-t5-freed", "paper-no-ckpt", "paper+bf16", "fast-eager", "fast-eager+int8")
+
+
+def preset_requirements(preset: Preset) -> tuple[str, ...]:
+    """Python modules a preset needs beyond torch (checked before its process starts)."""
+    needs = []
+    if preset.frozen_dtype == "int8" or preset.optimizer == "adamw8bit":
+        needs.append("bitsandbytes")
+    if preset.attention in ("triton", "xformers"):
+        needs.append(preset.attention)
+    return tuple(needs)
+
+
+def unavailable_reason(preset: Preset, device: str) -> str | None:
+    """Why `preset` cannot run here (a missing library, xformers without CUDA), else None."""
+    import importlib.util
+
+    missing = [m for m in preset_requirements(preset) if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"needs {', '.join(missing)}, which is not installed"
+    if preset.attention == "xformers" and device != "cuda":
+        return "xformers runs on CUDA only"
+    return None
 
 
 def default_presets(device: str | None = None) -> tuple[str, ...]:
@@ -109,23 +134,63 @@ def default_options(device: str | None = None) -> BenchOptions:
     return BenchOptions("show1-tiny-random", steps=10, warmup=2, device=device)
 
 
-def run_presets(names: list[str], options: BenchOptions, results_dir: Path | None, on_result=None) -> list[dict]:
-    """Run each preset in a fresh spawned process; append records to results_dir; return them."""
+@dataclass
+class PresetFailure:
+    """A preset that did not produce a record."""
+
+    name: str
+    """The preset."""
+    status: str
+    """``skipped`` (not runnable here), ``failed`` (raised) or ``timeout``."""
+    reason: str
+    """Why, in one line."""
+
+
+def run_presets(names: list[str], options: BenchOptions, results_dir: Path | None, on_result=None,
+                timeout_s: float | None = None, on_failure=None) -> tuple[list[dict], list[PresetFailure]]:
+    """Run each preset in a fresh spawned process; append each record to results_dir as soon as it exists.
+
+    A preset that cannot run here, raises (out of memory, a library error) or passes `timeout_s` seconds becomes a
+    `PresetFailure` and the next preset runs: one broken lever never costs the others' figures.
+    Raises ValueError for unknown preset names (before anything runs).
+    """
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise ValueError(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
-    context = multiprocessing.get_context("spawn")
-    records = []
+    records, failures = [], []
     for name in names:
-        with context.Pool(1) as pool:
-            record = pool.apply(run_one, (PRESETS[name], options))
+        record, failure = _run_isolated(PRESETS[name], options, timeout_s)
+        if failure is not None:
+            failures.append(failure)
+            if on_failure is not None:
+                on_failure(failure)
+            continue
         record = {**record, **_provenance(options)}
         if results_dir is not None:
             append_record(record, results_dir)
         records.append(record)
         if on_result is not None:
             on_result(record)
-    return records
+    return records, failures
+
+
+def _run_isolated(preset: Preset, options: BenchOptions, timeout_s: float | None
+                  ) -> tuple[dict | None, PresetFailure | None]:
+    reason = unavailable_reason(preset, torch.device(options.device).type)
+    if reason is not None:
+        return None, PresetFailure(preset.name, "skipped", reason)
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(1)
+    try:
+        return pool.apply_async(run_one, (preset, options)).get(timeout_s), None
+    except multiprocessing.TimeoutError:
+        return None, PresetFailure(preset.name, "timeout", f"did not finish within {timeout_s:.0f} s")
+    except Exception as exc:  # raised in the preset's process: report it and go on with the next preset
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        return None, PresetFailure(preset.name, "failed", f"{type(exc).__name__}: {first}")
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def run_one(preset: Preset, options: BenchOptions) -> dict:
@@ -136,7 +201,7 @@ def run_one(preset: Preset, options: BenchOptions) -> dict:
 
     device = torch.device(options.device)
     precision = preset.precision
-    attention = preset.attention if device.type == "cuda" or preset.attention != "xformers" else "sdpa"
+    attention = preset.attention
     cfg = RunConfig(model=ModelConfig(model_id=options.model_id, gradient_checkpointing=preset.checkpointing,
                                       frozen_dtype=preset.frozen_dtype, attention=attention, compile=preset.compile),
                     train=TrainConfig(steps=options.steps, precision=precision, optimizer=preset.optimizer,
@@ -164,9 +229,19 @@ def run_one(preset: Preset, options: BenchOptions) -> dict:
         one_step()
     _sync(device)
     warmup_seconds = time.perf_counter() - warm_start
+    graphs_before = _compiled_graphs()
     step_seconds = _timed(one_step, options.steps, device)
     del encoder
-    return _record(preset, options, session, step_seconds, warmup_seconds, setup_seconds, precision)
+    record = _record(preset, options, session, step_seconds, warmup_seconds, setup_seconds, precision)
+    # Compilation inside the timed steps would make them meaningless: raise --warmup if this is ever non-zero.
+    record["graphs_compiled_while_timed"] = _compiled_graphs() - graphs_before
+    return record
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _text_states(session, preset: Preset, device: torch.device):
@@ -325,6 +400,9 @@ def _version(name: str) -> str | None:
 
 
 def _git_sha() -> str | None:
+    """HEAD of the checkout; VMC_FAST_GIT_SHA when set (the GPU machine receives files without .git)."""
+    if os.environ.get("VMC_FAST_GIT_SHA"):
+        return os.environ["VMC_FAST_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, check=True).stdout.strip()

@@ -254,14 +254,19 @@ Examples:\n
 
 @app.command(epilog=BENCH_EXAMPLES)
 def bench(
-    presets: Optional[str] = typer.Option(None, help="Comma-separated presets (default: paper, paper-t5, paper+bf16, "
-                                          "fast-compile, fast, fast+int8 on GPU; eager ones on CPU). All: paper, "
-                                          "paper-t5, paper+bf16, paper-ckpt, paper+compile, fast, fast-compile, "
-                                          "fast+ckpt, fast+int8, fast+triton, fast-compile+int8."),
+    presets: Optional[str] = typer.Option(None, help="Comma-separated presets (default: paper, fast, fast-eager, "
+                                          "fast+int8, paper+bf16, paper-t5-freed on GPU; eager ones on CPU). All: "
+                                          "paper, paper-t5-freed, paper+bf16, paper-no-ckpt, paper+compile, fast, "
+                                          "fast-eager, fast+ckpt, fast+int8, fast+triton, fast+xformers, "
+                                          "fast-eager+int8. `-X` removes or swaps one lever of its parent, `+X` "
+                                          "adds one."),
     model: Optional[str] = typer.Option(None, help="Backbone (default: show1-base-arch on GPU, "
                                         "show1-tiny-random on CPU)."),
     steps: Optional[int] = typer.Option(None, help="Timed steps (default: 400 on GPU, 10 on CPU)."),
     warmup: Optional[int] = typer.Option(None, help="Untimed warm-up steps (they include compilation)."),
+    preset_timeout: Optional[float] = typer.Option(None, help="Seconds one preset may take, its process start, "
+                                                   "model build and compilation included; a slower one is "
+                                                   "reported as timed out and the next one runs."),
     results: Path = typer.Option(Path("benchmarks/results"), help="Folder for the JSON-lines records."),
     json_output: bool = typer.Option(False, "--json", help="Print the records as JSON lines on stdout."),
 ) -> None:
@@ -269,28 +274,39 @@ def bench(
     from vmc_fast.bench import default_options, default_presets, run_presets
     from vmc_fast.reporting import bench_table
 
-    console = Console(stderr=json_output)
+    # In a log (no terminal) rich would cut the table to 80 columns; records are read from logs of GPU slots.
+    console = Console(stderr=json_output, width=None if sys.stdout.isatty() else 200)
     options = default_options()
     options.model_id = model or options.model_id
     options.steps = steps if steps is not None else options.steps
     options.warmup = warmup if warmup is not None else options.warmup
     if options.steps < 1 or options.warmup < 0:
         _fail("--steps must be at least 1 and --warmup 0 or more", console)
+    if preset_timeout is not None and preset_timeout <= 0:
+        _fail("--preset-timeout must be a positive number of seconds", console)
     names = [n.strip() for n in presets.split(",") if n.strip()] if presets else list(default_presets())
     console.print(f"[bold]vmc-fast bench[/] {options.model_id} on {options.device}: {len(names)} presets, "
-                  f"{options.warmup} warm-up + {options.steps} timed steps each, one fresh process per preset")
+                  f"{options.warmup} warm-up + {options.steps} timed steps each, one fresh process per preset",
+                  soft_wrap=True)
     try:
-        records = run_presets(names, options, results,
-                              on_result=lambda r: console.print(f"  {r['preset']['name']}: "
-                                                                f"{r['step_seconds'] * 1000:.1f} ms/step"))
+        records, failures = run_presets(
+            names, options, results, timeout_s=preset_timeout,
+            on_result=lambda r: console.print(f"  {r['preset']['name']}: {r['step_seconds'] * 1000:.1f} ms/step, "
+                                              f"{r['compile_seconds']:.0f} s compiling", soft_wrap=True),
+            on_failure=lambda f: console.print(f"  {f.name}: {f.status}: {f.reason}", soft_wrap=True))
     except (VmcError, ValueError) as exc:
         _fail(str(exc), console)
-    console.print(bench_table(records))
+    if records:
+        console.print(bench_table(records))
+    for failure in failures:
+        console.print(f"[yellow]{failure.name}: {failure.status}[/]: {failure.reason}", soft_wrap=True)
     if json_output:
         import json
 
         for record in records:
             print(json.dumps(record, sort_keys=True))
+    if not records or any(f.status != "skipped" for f in failures):
+        raise typer.Exit(1)
 
 
 DEMO_EXAMPLES = """

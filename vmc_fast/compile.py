@@ -21,7 +21,10 @@ COMPILE_MODES = ("regional", "full", "off")
 def compile_unet(unet: nn.Module, mode: str = "regional", **compile_kwargs) -> nn.Module:
     """Compile `unet` in place and return it; calling it again with the same mode is a no-op (compile once).
 
-    `compile_kwargs` go to `torch.compile` (backend, mode, dynamic, fullgraph, options). Regional compilation
+    `compile_kwargs` go to `torch.compile` (backend, mode, dynamic, fullgraph, options). ``dynamic`` defaults to
+    False: blocks of one class share their code, so Dynamo would otherwise see a new shape from each instance,
+    retrace with symbolic sizes, and inductor (torch 2.13) fails on them ("cannot determine truth value of
+    Relational: 64*s80*s82 < 8"); shapes are fixed for a run anyway, so each block is specialised. Regional compilation
     compiles each of ``down_blocks``, ``mid_block`` and ``up_blocks``: on the tiny models each block is one graph
     with no graph break, cold compile time grows with the number of blocks rather than with one huge graph, and a
     block-level graph break cannot spread across the whole UNet.
@@ -35,6 +38,7 @@ def compile_unet(unet: nn.Module, mode: str = "regional", **compile_kwargs) -> n
         return unet
     if done is not None:
         raise ValueError(f"this UNet is already compiled with --compile {done}; load a fresh one to use {mode}")
+    compile_kwargs.setdefault("dynamic", False)
     for module in ([unet] if mode == "full" else compile_regions(unet)):
         module.compile(**compile_kwargs)
     unet._vmc_compile_mode = mode

@@ -33,8 +33,12 @@ from vmc_fast.trainer import build_optimizer
 
 
 def train(cfg: RunConfig, reporter: Reporter | None = None) -> RunSummary:
-    """Run `vmc-fast train`: in this process for one rank, else in `num_ranks` launched processes."""
-    if cfg.parallel.num_ranks == 1:
+    """Run `vmc-fast train`: in this process for one rank, else in `num_ranks` launched processes.
+
+    ``--strategy zero`` always goes through the launcher and DeepSpeed, one rank included (ZeRO-3 can then offload,
+    and it is how one GPU tests the NCCL path); one rank with another strategy trains in this process.
+    """
+    if cfg.parallel.num_ranks == 1 and cfg.parallel.strategy != "zero":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return train_videos(cfg, reporter, device=device)
     return launch(cfg)
@@ -87,7 +91,9 @@ def worker(config_file: str) -> None:
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
+    backend = "nccl" if device != "cpu" else "gloo"
+    torch.distributed.init_process_group(backend)
+    print(f"rank {rank} of {world_size}: {device}, backend {backend}", file=sys.stderr, flush=True)
     try:
         reporter = _rank_reporter(rank)
         strategy = resolve_strategy(cfg, len(plan_jobs(cfg)))

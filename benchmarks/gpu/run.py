@@ -1,0 +1,328 @@
+"""Everything a GPU slot measures, as one command with a time budget per part (`benchmarks/gpu/run.sh`).
+
+GPU time comes in short slots (one H200, about 15 minutes in all, one command at most 10), so the whole check is
+one prepared command that returns whatever finished even when it is cut short: every part writes its files into
+OUT as it ends, and `summary.txt` gains one line per part (status, seconds, reason) the moment it is known.
+
+Parts, in order (default: all):
+- ``setup``: the device's name and driver; installs the wheels carried in ``.whl/`` (see wheels.txt and
+  fetch-wheels.sh) and vmc-fast itself into SITE; probes each optional library with a real CUDA call. A library
+  that does not import or run is recorded with its error; the tests and presets that need it skip with it.
+- ``tests``: ``pytest -m gpu`` (tests/test_gpu.py and the other gpu-marked tests) -> tests.log.
+- ``bench``: ``vmc-fast bench`` on show1-base-arch at 8x40x64, the paper preset beside ours and the one-lever
+  ablations in one invocation -> bench.log, bench-cuda.jsonl (one JSON record per finished preset).
+
+Files in OUT (at most 8 come back from the device tool): summary.txt, setup.log, tests.log, bench.log,
+bench-cuda.jsonl.
+
+``--dry-run`` (on the CPU) checks what can be checked without a GPU: the wheel list against .whl/ and the 64 MiB
+carry limit, that pytest collects the gpu tests, that the bench accepts every preset and option the part passes;
+then prints the exact device call and the paths to carry. Exit status: 0 when every part ran (or would run), 1
+otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import wheels  # noqa: E402  (benchmarks/gpu/wheels.py: this folder is not a package)
+
+SITE = Path(os.environ.get("VMC_FAST_GPU_SITE", "/tmp/vmc-fast-site"))
+"""Where setup installs the carried wheels and vmc-fast on the GPU machine (prepended to PYTHONPATH)."""
+BENCH_PRESETS = ("paper", "fast", "fast-eager", "fast+int8", "paper+bf16", "paper-t5-freed", "fast+ckpt",
+                 "fast+triton", "fast+xformers", "fast-eager+int8")
+"""The paper's setup, ours, then one lever at a time; in the order they run, so a cut-short run keeps the most
+telling ones."""
+BENCH_STEPS = 100
+"""Timed steps per preset (its mean step time is reported for 400 steps) and warm-up steps (compilation)."""
+BENCH_WARMUP = 3
+BENCH_PRESET_TIMEOUT = 150
+TEST_TIMEOUT = 100
+"""Seconds one gpu test may take (pytest-timeout, where installed): a hung NCCL rendezvous must not eat the part."""
+"""Seconds one preset may take (fresh process, model build, compilation, warm-up, timed steps)."""
+PROBES = {
+    "torch": "import torch; assert torch.cuda.is_available(), 'no CUDA device'; v = torch.__version__",
+    "triton": "import triton, torch; from vmc_fast.kernels import temporal_attention as f; "
+              "x = torch.randn(4, 2, 8, 5, device='cuda'); f(x, x, x); v = triton.__version__",
+    "diffusers": "import diffusers; v = diffusers.__version__",
+    "deepspeed": "import deepspeed; from deepspeed.accelerator import get_accelerator; "
+                 "assert get_accelerator().device_name() == 'cuda', get_accelerator().device_name(); "
+                 "v = deepspeed.__version__",
+    "bitsandbytes": "import torch, bitsandbytes as bnb; l = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)"
+                    ".cuda(); l(torch.randn(4, 64, device='cuda', dtype=torch.float16)); v = bnb.__version__",
+    "xformers": "import torch, xformers, xformers.ops as xo; x = torch.randn(2, 8, 2, 16, device='cuda', "
+                "dtype=torch.bfloat16); xo.memory_efficient_attention(x, x, x); v = xformers.__version__",
+    "av": "import av; v = av.__version__",
+    "vmc_fast": "import vmc_fast, vmc_fast.cli; v = vmc_fast.__file__",
+}
+"""One real use of each library on the GPU; `v` is what the summary records."""
+
+
+@dataclass
+class Part:
+    name: str
+    budget_s: int
+    about: str
+
+
+PARTS = {p.name: p for p in (
+    Part("setup", 60, "device, wheels, vmc-fast, probes"),
+    Part("tests", 170, "pytest -m gpu"),
+    Part("bench", 300, "vmc-fast bench on show1-base-arch"),
+)}
+
+
+class Runner:
+    """Runs parts in order within their budgets, appending to OUT/summary.txt as each ends."""
+
+    def __init__(self, out: Path, dry_run: bool):
+        self.out, self.dry_run = out, dry_run
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.failed = False
+
+    def note(self, line: str) -> None:
+        print(line, flush=True)
+        with open(self.out / "summary.txt", "a") as handle:
+            handle.write(line + "\n")
+
+    def env(self) -> dict:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+               "VMC_FAST_CACHE": "/tmp/vmc-fast-cache", "DS_ACCELERATOR": "cuda"}
+        if not self.dry_run:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
+            env["PATH"] = os.pathsep.join([str(SITE / "bin"), env.get("PATH", "")])
+        return env
+
+    def run(self, command: list[str], log: Path, budget_s: float, append: bool = False) -> tuple[int | None, float]:
+        """Run `command` in its own process group, output to `log`; kill the group after `budget_s` seconds.
+        Returns (exit status or None when killed, seconds)."""
+        started = time.monotonic()
+        with open(log, "a" if append else "w") as handle:
+            handle.write(f"$ {shlex.join(command)}\n")
+            handle.flush()
+            try:
+                process = subprocess.Popen(command, cwd=ROOT, env=self.env(), stdout=handle,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:  # the program is missing (nvidia-smi on a machine without a driver)
+                handle.write(f"[run.py] could not start: {exc}\n")
+                return 127, time.monotonic() - started
+            try:
+                return process.wait(timeout=max(1.0, budget_s)), time.monotonic() - started
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                handle.write(f"\n[run.py] killed after its budget of {budget_s:.0f} s\n")
+                return None, time.monotonic() - started
+
+
+# ------------------------------------------------------------------------------------------------ parts
+
+
+def part_setup(runner: Runner, budget_s: float) -> tuple[str, str]:
+    log = runner.out / "setup.log"
+    deadline = time.monotonic() + budget_s
+    if runner.dry_run:
+        result = wheels.plan(wheels.read_requirements())
+        log.write_text(wheels.report(result) + "\n")
+        print(wheels.report(result))
+        return ("ok", "wheels present and within the carry limit") if result.ok else \
+            ("failed", "wheels missing or too large: run benchmarks/gpu/fetch-wheels.sh")
+    runner.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv"],
+               log, 20)
+    found = sorted(str(p) for p in (ROOT / ".whl").glob("*.whl"))
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--no-cache-dir", "--upgrade", "--target", str(SITE)]
+    if found:
+        status, _ = runner.run(install + found, log, deadline - time.monotonic(), append=True)
+        if status != 0:  # one bad wheel must not keep the others out
+            for wheel in found:
+                runner.run(install + [wheel], log, deadline - time.monotonic(), append=True)
+    else:
+        with open(log, "a") as handle:
+            handle.write("no wheels in .whl/: carry them (benchmarks/gpu/fetch-wheels.sh here, carry ['.whl'])\n")
+    status, _ = runner.run(install + ["--no-build-isolation", "."], log, deadline - time.monotonic(), append=True)
+    if status != 0:
+        _copy_package(log)
+    probes = probe_libraries(runner, log, deadline)
+    runner.note("libraries: " + json.dumps(probes, sort_keys=True))
+    (SITE / "vmc-fast-probes.json").write_text(json.dumps(probes))
+    broken = [name for name in ("torch", "diffusers", "vmc_fast") if not probes[name]["ok"]]
+    if broken:
+        return "failed", f"{', '.join(broken)} unusable; later parts cannot run"
+    unusable = [name for name, p in probes.items() if not p["ok"]]
+    return "ok", ("unusable, parts needing them skip: " + ", ".join(unusable)) if unusable else "all libraries work"
+
+
+def _copy_package(log: Path) -> None:
+    """Fallback when pip cannot build vmc-fast there: the same layout by hand (kernels/ as vmc_fast.kernels)."""
+    import shutil
+
+    with open(log, "a") as handle:
+        handle.write("pip could not install vmc-fast; copying vmc_fast/ and kernels/ into the site folder\n")
+    shutil.rmtree(SITE / "vmc_fast", ignore_errors=True)
+    shutil.copytree(ROOT / "vmc_fast", SITE / "vmc_fast")
+    shutil.copytree(ROOT / "kernels", SITE / "vmc_fast" / "kernels")
+
+
+def probe_libraries(runner: Runner, log: Path, deadline: float) -> dict:
+    """{library: {ok, version or error}} from one real use of each, each in a fresh interpreter."""
+    results = {}
+    for name, code in PROBES.items():
+        script = f"{code}\nprint('PROBE-VERSION', v)"
+        try:
+            done = subprocess.run([sys.executable, "-c", script], cwd="/tmp", env=runner.env(), capture_output=True,
+                                  text=True, timeout=max(5.0, min(60.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            results[name] = {"ok": False, "error": "probe timed out"}
+            continue
+        with open(log, "a") as handle:
+            handle.write(f"--- probe {name}: exit {done.returncode}\n{done.stdout}{done.stderr[-4000:]}\n")
+        if done.returncode == 0:
+            version = done.stdout.rsplit("PROBE-VERSION", 1)[-1].strip()
+            results[name] = {"ok": True, "version": version}
+        else:
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            results[name] = {"ok": False, "error": lines[-1][:300] if lines else f"exit {done.returncode}"}
+    return results
+
+
+def part_tests(runner: Runner, budget_s: float) -> tuple[str, str]:
+    log = runner.out / "tests.log"
+    # test_triton_attention.py holds no gpu test, and collecting it sets TRITON_INTERPRET for the whole process.
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-rA", "-p", "no:cacheprovider", "--durations=0",
+               "--ignore=tests/test_triton_attention.py", "tests"]
+    if runner.dry_run:
+        command += ["--collect-only", "-q"]
+    elif importlib.util.find_spec("pytest_timeout") is not None:
+        command += [f"--timeout={TEST_TIMEOUT}"]
+    status, seconds = runner.run(command, log, budget_s)
+    tail = _last_line(log)
+    if runner.dry_run:
+        count = sum(1 for line in log.read_text().splitlines() if "::" in line)
+        ok = status == 0 and count >= 8
+        return ("ok" if ok else "failed"), f"{count} gpu tests collected"
+    if status is None:
+        return "timeout", f"killed at {seconds:.0f} s; {tail}"
+    return ("ok" if status == 0 else "failed"), tail
+
+
+def part_bench(runner: Runner, budget_s: float) -> tuple[str, str]:
+    log = runner.out / "bench.log"
+    presets = [p for p in os.environ.get("VMC_FAST_GPU_BENCH_PRESETS", ",".join(BENCH_PRESETS)).split(",") if p]
+    command = [sys.executable, "-m", "vmc_fast.cli", "bench", "--model", "show1-base-arch", "--presets",
+               ",".join(presets), "--steps", str(BENCH_STEPS), "--warmup", str(BENCH_WARMUP), "--preset-timeout",
+               str(BENCH_PRESET_TIMEOUT), "--results", str(runner.out)]
+    if runner.dry_run:
+        return _check_bench_command(runner, command, presets, log)
+    status, seconds = runner.run(command, log, budget_s)
+    records = runner.out / "bench-cuda.jsonl"
+    done = len(records.read_text().splitlines()) if records.is_file() else 0
+    if status is None:
+        return "timeout", f"killed at {seconds:.0f} s with {done} of {len(presets)} presets recorded"
+    return ("ok" if status == 0 else "failed"), f"{done} of {len(presets)} presets recorded; {_last_line(log)}"
+
+
+def _check_bench_command(runner: Runner, command: list[str], presets: list[str], log: Path) -> tuple[str, str]:
+    """Dry run: every preset exists and the bench CLI knows every option the part passes."""
+    status, _ = runner.run([sys.executable, "-m", "vmc_fast.cli", "bench", "--help"], log, 60)
+    help_text = log.read_text()
+    options = [arg for arg in command if arg.startswith("--")]
+    unknown_options = [o for o in options if o not in help_text]
+    from vmc_fast.bench import PRESETS
+
+    unknown = [p for p in presets if p not in PRESETS]
+    print("bench command:", shlex.join(command[1:]))
+    if status != 0 or unknown or unknown_options:
+        return "failed", f"unknown presets {unknown}, options {unknown_options}, help exit {status}"
+    return "ok", f"{len(presets)} presets, options {' '.join(options)} accepted"
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+PART_FUNCTIONS = {"setup": part_setup, "tests": part_tests, "bench": part_bench}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/gpu/run.sh", description=__doc__.split("\n\n")[0],
+        epilog="examples:\n  bash benchmarks/gpu/run.sh --dry-run            # on the CPU, before a slot\n"
+               "  bash benchmarks/gpu/run.sh --out $OUT           # on the GPU machine: every part\n"
+               "  bash benchmarks/gpu/run.sh setup,bench --out $OUT --budget bench=300",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", help=f"comma- or space-separated parts (default: all): "
+                                                 f"{', '.join(PARTS)}")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the results (default: $OUT, else "
+                                                                "benchmarks/gpu/out)")
+    parser.add_argument("--dry-run", action="store_true", help="check everything a CPU can check; run nothing "
+                                                               "on a GPU")
+    parser.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS",
+                        help="override one part's time budget")
+    args = parser.parse_args(argv)
+    names = [n for arg in args.parts for n in arg.split(",") if n] or list(PARTS)
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    args.parts = [n for n in PARTS if n in names]
+    args.budgets = {name: part.budget_s for name, part in PARTS.items()}
+    for item in args.budget:
+        name, _, seconds = item.partition("=")
+        if name not in PARTS or not seconds.isdigit():
+            parser.error(f"--budget {item!r}: expected PART=SECONDS with PART one of {', '.join(PARTS)}")
+        args.budgets[name] = int(seconds)
+    default_out = os.environ.get("OUT") or str(HERE / "out")
+    args.out = args.out or Path(default_out)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runner = Runner(args.out.resolve(), args.dry_run)
+    started = time.monotonic()
+    runner.note(f"# benchmarks/gpu/run.sh {'--dry-run ' if args.dry_run else ''}{','.join(args.parts)} "
+                f"({time.strftime('%Y-%m-%d %H:%M:%S %Z')}, git {_git_sha()}); budgets "
+                + ", ".join(f"{p} {args.budgets[p]} s" for p in args.parts))
+    for name in args.parts:
+        part_started = time.monotonic()
+        try:
+            status, detail = PART_FUNCTIONS[name](runner, args.budgets[name])
+        except Exception as exc:  # a broken part must not stop the next one
+            status, detail = "failed", f"{type(exc).__name__}: {exc}"
+        runner.failed |= status != "ok"
+        runner.note(f"{name}: {status} in {time.monotonic() - part_started:.0f} s: {detail}")
+    runner.note(f"total {time.monotonic() - started:.0f} s")
+    if args.dry_run:
+        print("\nOn a GPU slot, one call of the device tool:\n"
+              "  run(command='bash benchmarks/gpu/run.sh --out $OUT', carry=['.whl'], timeout_s=600)\n"
+              f"carry: .whl ({len(list((ROOT / '.whl').glob('*.whl')))} wheels); results come back from $OUT")
+    return 1 if runner.failed else 0
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
