@@ -16,6 +16,14 @@ import torch
 _ROOT = str(Path(__file__).resolve().parents[1])
 sys.path[:] = [p for p in sys.path if p not in ("", ".", _ROOT)]
 
+# Triton decides when a kernel's module is imported whether it is compiled or interpreted, and its own modules
+# cache that choice for the whole process: mixing the two breaks both (inductor's kernels included). So the choice
+# is made once, here, before anything imports triton: without CUDA the interpreter runs the kernel tests on the
+# CPU; with CUDA the kernels are compiled (tests/test_gpu.py) and the interpreter tests skip.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # VMC_FAST_TEST_THREADS=1 when another job holds a core: two threads on a shared core spin against each other.
 torch.set_num_threads(int(os.environ.get("VMC_FAST_TEST_THREADS", min(2, os.cpu_count() or 1))))

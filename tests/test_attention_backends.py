@@ -1,28 +1,23 @@
 """Temporal attention backends (sdpa, xformers, triton) against the fp32 SDPA reference, on both tiny backbones.
 
-The triton backend runs on the CPU through Triton's interpreter. TRITON_INTERPRET must be set before the kernel
-module is imported (`triton.jit` decides at decoration time), and pytest runs every test file in one process, so it
-is set above every import here and the kernel module is reloaded if an earlier import compiled it (the same way
-tests/test_triton_attention.py does it); whichever file is collected first, the kernels end up interpreted.
+The triton backend runs on the CPU through Triton's interpreter, which tests/conftest.py switches on for the whole
+process on machines without CUDA (with CUDA, tests/test_gpu.py runs the compiled kernel instead).
 """
 
-import os
+import importlib
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import importlib  # noqa: E402
-import sys  # noqa: E402
+from conftest import TRITON_INTERPRETED
+from vmc_fast.errors import VmcError
+from vmc_fast.models import attention as attn_mod
+from vmc_fast.models import load_backbone
+from vmc_fast.models.attention import TemporalAttnProcessor, attention, set_temporal_attention_backend
+from vmc_fast.surgery import prepare_for_motion_tuning, temporal_qkv_parameters
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from vmc_fast.errors import VmcError  # noqa: E402
-from vmc_fast.models import attention as attn_mod  # noqa: E402
-from vmc_fast.models import load_backbone  # noqa: E402
-from vmc_fast.models.attention import TemporalAttnProcessor, attention, set_temporal_attention_backend  # noqa: E402
-from vmc_fast.surgery import prepare_for_motion_tuning, temporal_qkv_parameters  # noqa: E402
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None and TRITON_INTERPRETED
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
 
 TOLERANCE = {"sdpa": 1e-6, "math": 1e-5, "triton": 1e-5, "xformers": 1e-3}
@@ -216,6 +211,9 @@ def test_xformers_on_cpu_names_the_fix():
 @pytest.mark.skipif(not HAS_XFORMERS, reason="xformers is not installed")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers needs CUDA")
 def test_xformers_matches_sdpa_on_cuda(monkeypatch):
+    from test_gpu import usable_xformers
+
+    usable_xformers()
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(50, 4, 8, 40, generator=gen).cuda().requires_grad_() for _ in range(3))
     grad_out = torch.randn(50, 4, 8, 40, generator=gen).cuda()

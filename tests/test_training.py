@@ -148,3 +148,32 @@ def test_latents_are_encoded_once_and_cached_on_disk(square_video, tmp_path):
     second = session.load_input(square_video)
     assert len(calls) == 1 and torch.equal(first, second) and first.shape == (1, 4, 8, 16, 16)
     assert len(list((tmp_path / "c" / "latents").glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
+def test_fingerprint_does_not_depend_on_the_storage_dtype(model_id):
+    """An adapter tuned on a CPU (fp32 frozen weights) must load into the same base on a GPU (bf16), and back.
+    The scheme before 2026-11-30 (fp16 cast, 3 digits) told the two apart; its adapters still load."""
+    from vmc_fast.models.registry import LoadOptions
+
+    fp32 = load_backbone(model_id).unet
+    bf16 = load_backbone(model_id, LoadOptions(dtype=torch.bfloat16)).unet
+    tuned = {name for name, _ in temporal_qkv_parameters(fp32)}
+    assert base_fingerprint(fp32, tuned) == base_fingerprint(bf16, tuned)
+    assert base_fingerprint(fp32, tuned, legacy=True) != base_fingerprint(bf16, tuned, legacy=True)
+    with torch.no_grad():
+        next(p for n, p in fp32.named_parameters() if n not in tuned).mul_(1.5)
+    assert base_fingerprint(fp32, tuned) != base_fingerprint(bf16, tuned)
+
+
+def test_adapter_with_a_legacy_fingerprint_still_loads(tmp_path):
+    from vmc_fast.adapters import save_adapter
+
+    unet = load_backbone("tiny-random").unet
+    tensors = {name: p.detach() + 0.1 for name, p in temporal_qkv_parameters(unet)}
+    legacy = base_fingerprint(unet, set(tensors), legacy=True)
+    path = save_adapter(tmp_path / "old.safetensors", tensors, base_model="tiny-random", fingerprint=legacy,
+                        prompt="p", steps=1, final_loss=0.0, loss="cos", num_frames=8, height=8, width=8)
+    apply_adapter(unet, path)
+    name = next(iter(tensors))
+    assert torch.equal(dict(unet.named_parameters())[name].detach(), tensors[name])

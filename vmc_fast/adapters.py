@@ -33,12 +33,14 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     return Path(path)
 
 
-def base_fingerprint(unet: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> str:
+def base_fingerprint(unet: nn.Module, exclude: set[str] | frozenset[str] = frozenset(), legacy: bool = False) -> str:
     """A short hash of the base weights: names, shapes and a strided sample of values of every tensor.
 
-    The tuned tensors (`exclude`, the adapter's own names) are left out so tuning does not change it. Values are
-    rounded to 3 significant digits after an fp16 cast, so the same base stored in fp32, fp16 or bf16 gives the
-    same fingerprint.
+    The tuned tensors (`exclude`, the adapter's own names) are left out so tuning does not change it. Sampled
+    values are rounded to bf16, the coarsest dtype frozen weights are stored in, so the same base loaded in fp32
+    (CPU) or bf16 (the GPU default) gives the same fingerprint: an adapter tuned on one loads on the other.
+    `legacy`: the scheme of adapters written before 2026-11-30 (fp16 cast, 3 significant digits), which told
+    fp32 and bf16 copies of one base apart.
     """
     digest = hashlib.sha256()
     tensors = {**dict(unet.named_parameters()), **dict(unet.named_buffers())}
@@ -50,8 +52,11 @@ def base_fingerprint(unet: nn.Module, exclude: set[str] | frozenset[str] = froze
         if flat.device.type == "meta" or flat.numel() == 0:
             continue
         step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.float16).float().tolist()
-        digest.update(",".join(f"{v:.3g}" for v in sample).encode())
+        sample = flat[::step][:_SAMPLES_PER_TENSOR]
+        if legacy:
+            digest.update(",".join(f"{v:.3g}" for v in sample.to("cpu", torch.float16).float().tolist()).encode())
+        else:
+            digest.update(sample.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -137,7 +142,8 @@ def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None 
                        f"{len(unknown)} unknown and {len(wrong)} mis-shaped tensors (e.g. {example}); "
                        f"load it into {info.base_model}")
     fingerprint = fingerprint or base_fingerprint(unet, exclude=set(tensors))
-    if fingerprint != info.base_fingerprint:
+    if fingerprint != info.base_fingerprint and base_fingerprint(unet, set(tensors), legacy=True) != \
+            info.base_fingerprint:
         raise VmcError(f"adapter {path} was made for base model {info.base_model} (fingerprint "
                        f"{info.base_fingerprint}), not this one (fingerprint {fingerprint}); "
                        f"load it into the model it was trained on")

@@ -76,6 +76,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                         about="fast, int8 linears + 8-bit convs, 8-bit AdamW"),
     dataclasses.replace(FAST, name="fast+triton", attention="triton", about="fast, Triton temporal attention"),
     dataclasses.replace(FAST, name="fast+xformers", attention="xformers", about="fast, xformers temporal attention"),
+    dataclasses.replace(FAST, name="fast-eager+ckpt", compile="off", checkpointing=True,
+                        about="fast eager, checkpointing"),
     dataclasses.replace(FAST, name="fast-eager+int8", compile="off", frozen_dtype="int8", optimizer="adamw8bit",
                         about="fast eager, int8 linears + 8-bit convs, 8-bit AdamW"),
 )}

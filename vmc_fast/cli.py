@@ -258,7 +258,7 @@ def bench(
                                           "fast+int8, paper+bf16, paper-t5-freed on GPU; eager ones on CPU). All: "
                                           "paper, paper-t5-freed, paper+bf16, paper-no-ckpt, paper+compile, fast, "
                                           "fast-eager, fast+ckpt, fast+int8, fast+triton, fast+xformers, "
-                                          "fast-eager+int8. `-X` removes or swaps one lever of its parent, `+X` "
+                                          "fast-eager+ckpt, fast-eager+int8. `-X` removes or swaps one lever of its parent, `+X` "
                                           "adds one."),
     model: Optional[str] = typer.Option(None, help="Backbone (default: show1-base-arch on GPU, "
                                         "show1-tiny-random on CPU)."),
