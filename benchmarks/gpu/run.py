@@ -46,8 +46,9 @@ BENCH_PRESETS = ("paper", "fast", "fast-eager", "fast+int8", "paper+bf16", "pape
                  "fast+triton", "fast+xformers", "fast-eager+int8")
 """The paper's setup, ours, then one lever at a time; in the order they run, so a cut-short run keeps the most
 telling ones."""
-BENCH_STEPS = 100
-"""Timed steps per preset (its mean step time is reported for 400 steps) and warm-up steps (compilation)."""
+BENCH_STEPS = int(os.environ.get("VMC_FAST_GPU_BENCH_STEPS", 100))
+"""Timed steps per preset (its mean step time is reported for 400 steps) and warm-up steps (compilation).
+Environment overrides for a short rerun: VMC_FAST_GPU_BENCH_PRESETS, VMC_FAST_GPU_BENCH_STEPS, VMC_FAST_GPU_TESTS_K."""
 BENCH_WARMUP = 3
 BENCH_PRESET_TIMEOUT = 150
 TEST_TIMEOUT = 100
