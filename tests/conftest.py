@@ -82,3 +82,21 @@ def square_video(tmp_path) -> Path:
 def _isolated_cache(tmp_path, monkeypatch):
     # Prompt-embedding cache per test, so tests never see each other's files.
     monkeypatch.setenv("VMC_FAST_CACHE", str(tmp_path / "cache"))
+
+
+def pytest_configure(config):
+    global _PYTEST_CONFIG
+    _PYTEST_CONFIG = config
+
+
+_PYTEST_CONFIG = None
+
+
+def pytest_runtest_logreport(report):
+    """VMC_FAST_REPORT_FAILURES_AT_ONCE=1 prints each failure as it happens, not only at the end: a GPU slot's
+    test run can be killed at its time budget before pytest's summary, and its log must still say what failed."""
+    if not report.failed or os.environ.get("VMC_FAST_REPORT_FAILURES_AT_ONCE") != "1" or _PYTEST_CONFIG is None:
+        return
+    terminal = _PYTEST_CONFIG.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line(f"\n=== FAILED {report.nodeid} ({report.when}) ===\n{report.longreprtext[-6000:]}")

@@ -216,10 +216,14 @@ def test_triton_temporal_attention_matches_sdpa_past_65536_rows(dtype):
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = attention(q32, k32, v32, backend="sdpa")
     want = (ref, *torch.autograd.grad(ref, (q32, k32, v32), grad_out.float()))
-    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for a, b in zip(got, want):
-        assert a.dtype == dtype
-        torch.testing.assert_close(a.float(), b, **tol)
+    # Error relative to each tensor's largest entry (elementwise rtol is meaningless for tiny gradient entries).
+    # fp32: reassociation only. bf16: the kernel computes in fp32 from the same rounded inputs, so only the final
+    # rounding to bf16 differs (2**-8 of the largest entry at most).
+    limit = 1e-5 if dtype == torch.float32 else 2**-7
+    errors = [((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+    print(f"triton vs sdpa, {dtype}: max error / max |ref| for out, dq, dk, dv: {errors}")
+    assert all(a.dtype == dtype for a in got)
+    assert max(errors) < limit, errors
 
 
 # ------------------------------------------------------------------------------------------ compile

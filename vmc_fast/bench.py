@@ -127,6 +127,9 @@ class BenchOptions:
     """cuda or cpu."""
     seed: int = 0
     """Seeds the clip, text states and training."""
+    profile_dir: str | None = None
+    """When set, 3 more steps run under torch.profiler after timing and their operator table (sorted by device
+    time, with the kernel launches per step) goes to ``profile_dir/profile-<preset>.txt``."""
 
 
 def default_options(device: str | None = None) -> BenchOptions:
@@ -237,7 +240,35 @@ def run_one(preset: Preset, options: BenchOptions) -> dict:
     record = _record(preset, options, session, step_seconds, warmup_seconds, setup_seconds, precision)
     # Compilation inside the timed steps would make them meaningless: raise --warmup if this is ever non-zero.
     record["graphs_compiled_while_timed"] = _compiled_graphs() - graphs_before
+    if options.profile_dir is not None:
+        record["kernel_launches_per_step"] = profile_steps(one_step, device, preset.name, Path(options.profile_dir))
     return record
+
+
+PROFILED_STEPS = 3
+
+
+def profile_steps(one_step, device: torch.device, name: str, folder: Path) -> int:
+    """Run PROFILED_STEPS steps under torch.profiler; write the operator table to folder/profile-<name>.txt.
+    Returns the device kernels launched per step (0 on the CPU): a step of thousands of tiny kernels is bound by
+    launch overhead, which CUDA graphs or compilation remove."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            one_step()
+        _sync(device)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if cuda and e.device_type == torch.autograd.DeviceType.CUDA)
+    table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=60,
+                         max_name_column_width=70)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"profile-{name}.txt").write_text(
+        f"# {name}: {PROFILED_STEPS} steps under torch.profiler on {device}; "
+        f"{launches / PROFILED_STEPS:.0f} device kernels per step\n{table}\n")
+    return round(launches / PROFILED_STEPS)
 
 
 def _compiled_graphs() -> int:

@@ -268,6 +268,8 @@ def bench(
                                                    "model build and compilation included; a slower one is "
                                                    "reported as timed out and the next one runs."),
     results: Path = typer.Option(Path("benchmarks/results"), help="Folder for the JSON-lines records."),
+    profile: Optional[Path] = typer.Option(None, help="After timing, profile 3 steps of each preset with "
+                                           "torch.profiler and write FOLDER/profile-<preset>.txt."),
     json_output: bool = typer.Option(False, "--json", help="Print the records as JSON lines on stdout."),
 ) -> None:
     """Peak memory and wall-clock of training per preset, against the paper's 15 GB / 5 min."""
@@ -280,6 +282,7 @@ def bench(
     options.model_id = model or options.model_id
     options.steps = steps if steps is not None else options.steps
     options.warmup = warmup if warmup is not None else options.warmup
+    options.profile_dir = str(profile) if profile is not None else None
     if options.steps < 1 or options.warmup < 0:
         _fail("--steps must be at least 1 and --warmup 0 or more", console)
     if preset_timeout is not None and preset_timeout <= 0:

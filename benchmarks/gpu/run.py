@@ -9,11 +9,13 @@ Parts, in order (default: all):
   fetch-wheels.sh) and vmc-fast itself into SITE; probes each optional library with a real CUDA call. A library
   that does not import or run is recorded with its error; the tests and presets that need it skip with it.
 - ``tests``: ``pytest -m gpu`` (tests/test_gpu.py and the other gpu-marked tests) -> tests.log.
+- ``profile``: 3 training steps of the ``fast-eager`` preset on show1-base-arch under torch.profiler ->
+  profile-fast-eager.txt (the operators that take the device's time, and the kernel launches per step).
 - ``bench``: ``vmc-fast bench`` on show1-base-arch at 8x40x64, the paper preset beside ours and the one-lever
   ablations in one invocation -> bench.log, bench-cuda.jsonl (one JSON record per finished preset).
 
-Files in OUT (at most 8 come back from the device tool): summary.txt, setup.log, tests.log, bench.log,
-bench-cuda.jsonl.
+Files in OUT (at most 8 come back from the device tool): summary.txt, setup.log, tests.log, profile.log,
+profile-fast-eager.txt, bench.log, bench-cuda.jsonl.
 
 ``--dry-run`` (on the CPU) checks what can be checked without a GPU: the wheel list against .whl/ and the 64 MiB
 carry limit, that pytest collects the gpu tests, that the bench accepts every preset and option the part passes;
@@ -50,6 +52,9 @@ BENCH_STEPS = int(os.environ.get("VMC_FAST_GPU_BENCH_STEPS", 100))
 """Timed steps per preset (its mean step time is reported for 400 steps) and warm-up steps (compilation).
 Environment overrides for a short rerun: VMC_FAST_GPU_BENCH_PRESETS, VMC_FAST_GPU_BENCH_STEPS, VMC_FAST_GPU_TESTS_K."""
 BENCH_WARMUP = 3
+PROFILED_PRESET = "fast-eager"
+"""Eager, so that the profile shows the operators themselves; at 221 ms/step and 4.7% MFU on an H200
+(2026-11-30) it is far from its FLOP bound."""
 BENCH_PRESET_TIMEOUT = 150
 TEST_TIMEOUT = 100
 """Seconds one gpu test may take (pytest-timeout, where installed): a hung NCCL rendezvous must not eat the part."""
@@ -82,7 +87,8 @@ class Part:
 PARTS = {p.name: p for p in (
     Part("setup", 60, "device, wheels, vmc-fast, probes"),
     Part("tests", 170, "pytest -m gpu"),
-    Part("bench", 300, "vmc-fast bench on show1-base-arch"),
+    Part("profile", 60, "torch.profiler over 3 steps of fast-eager on show1-base-arch"),
+    Part("bench", 240, "vmc-fast bench on show1-base-arch"),
 )}
 
 
@@ -101,6 +107,7 @@ class Runner:
 
     def env(self) -> dict:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+               "VMC_FAST_REPORT_FAILURES_AT_ONCE": "1",
                "VMC_FAST_CACHE": "/tmp/vmc-fast-cache", "DS_ACCELERATOR": "cuda"}
         if not self.dry_run:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), env.get("PYTHONPATH")]))
@@ -202,11 +209,12 @@ def probe_libraries(runner: Runner, log: Path, deadline: float) -> dict:
 
 def part_tests(runner: Runner, budget_s: float) -> tuple[str, str]:
     log = runner.out / "tests.log"
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-rA", "-p", "no:cacheprovider", "--durations=0", "tests"]
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider", "--durations=0",
+               "tests"]
     if os.environ.get("VMC_FAST_GPU_TESTS_K"):  # a rerun of some tests only
         command += ["-k", os.environ["VMC_FAST_GPU_TESTS_K"]]
     if runner.dry_run:
-        command += ["--collect-only", "-q"]
+        command = [arg for arg in command if arg != "-v"] + ["--collect-only", "-q"]
     elif importlib.util.find_spec("pytest_timeout") is not None:
         command += [f"--timeout={TEST_TIMEOUT}"]
     status, seconds = runner.run(command, log, budget_s)
@@ -218,6 +226,22 @@ def part_tests(runner: Runner, budget_s: float) -> tuple[str, str]:
     if status is None:
         return "timeout", f"killed at {seconds:.0f} s; {tail}"
     return ("ok" if status == 0 else "failed"), tail
+
+
+def part_profile(runner: Runner, budget_s: float) -> tuple[str, str]:
+    log = runner.out / "profile.log"
+    command = [sys.executable, "-m", "vmc_fast.cli", "bench", "--model", "show1-base-arch", "--presets",
+               PROFILED_PRESET, "--steps", "5", "--warmup", "2", "--results", "/tmp/vmc-fast-profile-records",
+               "--profile", str(runner.out)]
+    if runner.dry_run:
+        return _check_bench_command(runner, command, [PROFILED_PRESET], log)
+    status, seconds = runner.run(command, log, budget_s)
+    table = runner.out / f"profile-{PROFILED_PRESET}.txt"
+    if status is None:
+        return "timeout", f"killed at {seconds:.0f} s"
+    if status != 0 or not table.is_file():
+        return "failed", _last_line(log)
+    return "ok", table.read_text().splitlines()[0].lstrip("# ")
 
 
 def part_bench(runner: Runner, budget_s: float) -> tuple[str, str]:
@@ -256,7 +280,7 @@ def _last_line(log: Path) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-PART_FUNCTIONS = {"setup": part_setup, "tests": part_tests, "bench": part_bench}
+PART_FUNCTIONS = {"setup": part_setup, "tests": part_tests, "profile": part_profile, "bench": part_bench}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -318,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _git_sha() -> str:
+    if os.environ.get("VMC_FAST_GIT_SHA"):  # the GPU machine may receive a stale .git, or none
+        return os.environ["VMC_FAST_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or "unknown"
