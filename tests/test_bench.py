@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from vmc_fast.bench import PRESETS, BenchOptions, Preset, run_one, step_flops
+from vmc_fast.studies.bench import PRESETS, BenchOptions, Preset, run_one, step_flops
 from vmc_fast.cli import app
 
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from vmc_fast.cascade import CascadeSettings, PixelStage, interpolate, run_cascade, sr1_windows, super_resolve
+from vmc_fast.inference.cascade import CascadeSettings, PixelStage, interpolate, run_cascade, sr1_windows, super_resolve
 from vmc_fast.errors import VmcError
-from vmc_fast.generate import GenerateConfig, generate
+from vmc_fast.inference.generate import GenerateConfig, generate
 from vmc_fast.models import load_backbone
 from vmc_fast.models.registry import LoadOptions
-from vmc_fast.models.show1_pipeline import show1_scheduler
-from vmc_fast.models.show1_stages import save_stage, tiny_cascade
+from vmc_fast.models.show1.loading import show1_scheduler
+from vmc_fast.models.show1.stages import save_stage, tiny_cascade
 
 ONE_STEP = CascadeSettings().with_steps(1)
 
@@ -72,7 +72,7 @@ def test_interpolation_conditions_each_window_on_its_two_keyframes():
 
 
 def test_a_fixed_variance_scheduler_is_given_the_epsilon_half_only():
-    from vmc_fast.models.show1_pipeline import SHOW1_SCHEDULER_CONFIG
+    from vmc_fast.models.show1.loading import SHOW1_SCHEDULER_CONFIG
 
     scheduler = show1_scheduler({**SHOW1_SCHEDULER_CONFIG, "variance_type": "fixed_small"})
     video = interpolate(PixelStage(unet=RecordingUNet(), scheduler=scheduler), _keyframes(2), _states(), ONE_STEP,
@@ -83,7 +83,7 @@ def test_a_fixed_variance_scheduler_is_given_the_epsilon_half_only():
 def test_sr1_noises_the_upscaled_input_but_keeps_the_given_first_frame():
     from diffusers import DDPMScheduler
 
-    from vmc_fast.models.show1_stages import IF_NOISING_CONFIG
+    from vmc_fast.models.show1.stages import IF_NOISING_CONFIG
 
     def stage():
         return PixelStage(unet=RecordingUNet(), scheduler=show1_scheduler(),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import moving_square_frames, write_frame_folder, write_video
-from vmc_fast.data import FrameSampling, center_crop_to_aspect, find_videos, load_clip
+from vmc_fast.io.video import FrameSampling, center_crop_to_aspect, find_videos, load_clip
 from vmc_fast.errors import VmcError
 
 

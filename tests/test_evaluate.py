@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vmc_fast import toyworld
+from vmc_fast.toy import world as toyworld
 from vmc_fast.cli import app
-from vmc_fast.data import FrameSampling, load_clip
-from vmc_fast.evaluate import (SPATIAL_PATTERN, VARIANTS, EvalConfig, findings, markdown, new_appearances,
+from vmc_fast.io.video import FrameSampling, load_clip
+from vmc_fast.studies.evaluation import (SPATIAL_PATTERN, VARIANTS, EvalConfig, findings, markdown, new_appearances,
                                paired_difference, run_eval, score)
-from vmc_fast.examples import EXAMPLES_DIR, held_out_example, held_out_spec, write_held_out_examples
+from vmc_fast.toy.examples import EXAMPLES_DIR, held_out_example, held_out_spec, write_held_out_examples
 
 runner = CliRunner()
 
@@ -107,7 +107,7 @@ def test_findings_say_whether_a_paired_difference_is_beyond_noise():
 
 
 def test_spatial_variant_tunes_spatial_attention_only():
-    from vmc_fast.models.toy import build_toy_unet
+    from vmc_fast.toy.model import build_toy_unet
 
     names = [n for n, _ in build_toy_unet().named_parameters()]
     spatial = [n for n in names if re.search(SPATIAL_PATTERN, n)]
@@ -172,7 +172,7 @@ def test_untuned_rows_are_identical_and_tuned_rows_differ(small_report):
 
 
 def test_demo_cli_tunes_renders_and_scores(tmp_path):
-    from vmc_fast.adapters import read_adapter
+    from vmc_fast.tuning.adapters import read_adapter
 
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--out", str(out), "--steps", "3", "--samples", "2",

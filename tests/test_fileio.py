@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from vmc_fast.fileio import atomic_path, write_text_atomic
+from vmc_fast.io.files import atomic_path, write_text_atomic
 
 
 def test_atomic_write_gives_normal_permissions_and_no_leftovers(tmp_path):

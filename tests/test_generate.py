@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vmc_fast.adapters import base_fingerprint, save_adapter
+from vmc_fast.tuning.adapters import base_fingerprint, save_adapter
 from vmc_fast.errors import VmcError
-from vmc_fast.generate import (GenerateConfig, ddim_invert, generate, inversion_scheduler, sample,
+from vmc_fast.inference.generate import (GenerateConfig, ddim_invert, generate, inversion_scheduler, sample,
                                sampling_scheduler, write_video_atomic)
 from vmc_fast.models import load_backbone
-from vmc_fast.surgery import temporal_qkv_parameters
-from vmc_fast.toyworld import ClipSpec, render_clip, write_clip
+from vmc_fast.tuning.surgery import temporal_qkv_parameters
+from vmc_fast.toy.world import ClipSpec, render_clip, write_clip
 
 # Small enough for a busy 2-core CPU: 4 frames at 16x16 pixels (8x8 latents for tiny-random).
 FRAMES, SIZE = 4, 16

@@ -93,9 +93,9 @@ def test_bf16_autocast_training_changes_only_temporal_qkv(model_id):
     """The session's real setup (bf16 frozen weights, bf16 autocast) for 3 steps: finite losses, every temporal
     Q/K/V tensor moved, every other tensor bit-identical."""
     from vmc_fast.config import ModelConfig, RunConfig, TrainConfig
-    from vmc_fast.session import TuningSession
-    from vmc_fast.surgery import temporal_qkv_parameters
-    from vmc_fast.trainer import TorchStep, tune
+    from vmc_fast.tuning.session import TuningSession
+    from vmc_fast.tuning.surgery import temporal_qkv_parameters
+    from vmc_fast.tuning.loop import TorchStep, tune
 
     cfg = RunConfig(model=ModelConfig(model_id=model_id, frozen_dtype="bf16"),
                     train=TrainConfig(steps=3, precision="bf16", learning_rate=1e-3))
@@ -126,8 +126,8 @@ INT8_GRAD_COS_MIN = 0.99
 @pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
 def test_int8_frozen_weights_match_bf16(model_id):
     _library("bitsandbytes")
-    from vmc_fast.precision import QuantizedConv, apply_frozen_precision
-    from vmc_fast.surgery import prepare_for_motion_tuning
+    from vmc_fast.tuning.precision import QuantizedConv, apply_frozen_precision
+    from vmc_fast.tuning.surgery import prepare_for_motion_tuning
 
     backbone = _backbone(model_id)
     prepare_for_motion_tuning(backbone.unet)
@@ -151,7 +151,7 @@ def test_adamw8bit_follows_adamw():
     moments, bitsandbytes' paper: the update differs by quantization noise, not by a bias)."""
     _library("bitsandbytes")
     from vmc_fast.config import TrainConfig
-    from vmc_fast.trainer import build_optimizer
+    from vmc_fast.tuning.loop import build_optimizer
 
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(128, 256, generator=gen).to(DEVICE)
@@ -177,7 +177,7 @@ def test_adamw8bit_follows_adamw():
 def test_xformers_matches_sdpa_in_a_training_step():
     usable_xformers()
     from vmc_fast.models.attention import set_temporal_attention_backend
-    from vmc_fast.surgery import prepare_for_motion_tuning
+    from vmc_fast.tuning.surgery import prepare_for_motion_tuning
 
     backbone = _backbone("show1-tiny-random")
     prepare_for_motion_tuning(backbone.unet)
@@ -236,9 +236,9 @@ def _compile_backend() -> str:
 def test_regional_compile_swaps_adapters_without_recompiling(tmp_path):
     from torch._dynamo.utils import counters
 
-    from vmc_fast.adapters import apply_adapter, base_fingerprint, save_adapter
-    from vmc_fast.compile import compile_unet
-    from vmc_fast.surgery import prepare_for_motion_tuning, temporal_qkv_parameters, trainable_state
+    from vmc_fast.tuning.adapters import apply_adapter, base_fingerprint, save_adapter
+    from vmc_fast.tuning.compile import compile_unet
+    from vmc_fast.tuning.surgery import prepare_for_motion_tuning, temporal_qkv_parameters, trainable_state
 
     backbone = _backbone("tiny-random", torch.bfloat16)
     unet = backbone.unet
@@ -269,9 +269,9 @@ def test_regional_compile_swaps_adapters_without_recompiling(tmp_path):
 
 def test_compile_with_int8_frozen_weights():
     _library("bitsandbytes")
-    from vmc_fast.compile import compile_unet
-    from vmc_fast.precision import apply_frozen_precision
-    from vmc_fast.surgery import prepare_for_motion_tuning
+    from vmc_fast.tuning.compile import compile_unet
+    from vmc_fast.tuning.precision import apply_frozen_precision
+    from vmc_fast.tuning.surgery import prepare_for_motion_tuning
 
     backbone = _backbone("tiny-random")
     unet = backbone.unet
@@ -325,9 +325,9 @@ def test_zero_on_one_rank(tmp_path, stage):
 @pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
 def test_generate_keyframes(tmp_path, model_id):
     """DDIM inversion of a clip and guided sampling on the device, with and without an adapter."""
-    from vmc_fast.adapters import base_fingerprint, save_adapter
-    from vmc_fast.generate import GenerateConfig, generate
-    from vmc_fast.surgery import temporal_qkv_parameters
+    from vmc_fast.tuning.adapters import base_fingerprint, save_adapter
+    from vmc_fast.inference.generate import GenerateConfig, generate
+    from vmc_fast.tuning.surgery import temporal_qkv_parameters
 
     video = write_frame_folder(tmp_path / "clip", moving_square_frames(num_frames=6))
     common = dict(model_id=model_id, prompt="a ball is moving", num_inference_steps=3, inversion_steps=3,
@@ -354,7 +354,7 @@ def test_generate_keyframes(tmp_path, model_id):
 @pytest.mark.parametrize("preset", ["fast-eager", "fast-eager+int8"])
 def test_bench_measures_a_preset(preset):
     """The bench's measuring path on the device before the long run: peak memory and a step time."""
-    from vmc_fast.bench import PRESETS, BenchOptions, preset_requirements, run_one
+    from vmc_fast.studies.bench import PRESETS, BenchOptions, preset_requirements, run_one
 
     for module in preset_requirements(PRESETS[preset]):
         _library(module)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vmc_fast.losses import LOSS_KINDS, motion_distillation_loss
+from vmc_fast.tuning.losses import LOSS_KINDS, motion_distillation_loss
 
 
 def _pair(seed=0, shape=(2, 3, 5, 4, 6)):

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from vmc_fast import metrics as M
-from vmc_fast import toyworld as tw
+from vmc_fast.studies import metrics as M
+from vmc_fast.toy import world as tw
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

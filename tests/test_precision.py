@@ -29,9 +29,9 @@ from torch import nn
 
 from vmc_fast.models import load_backbone
 from vmc_fast.models.registry import LoadOptions
-from vmc_fast.precision import (QuantizedConv, apply_frozen_precision, dequantize_per_channel,
+from vmc_fast.tuning.precision import (QuantizedConv, apply_frozen_precision, dequantize_per_channel,
                                 frozen_bytes_by_kind, frozen_weight_bytes)
-from vmc_fast.surgery import prepare_for_motion_tuning
+from vmc_fast.tuning.surgery import prepare_for_motion_tuning
 
 # bitsandbytes logs one warning per int8 matmul about casting activations to fp16 for quantization.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vmc_fast.errors import VmcError
-from vmc_fast.models import show1_pipeline as pipe
+from vmc_fast.models.show1 import loading as pipe
 from vmc_fast.models.registry import LoadOptions, load_backbone
 from vmc_fast.models.show1 import (Show1Config, Show1UNet3D, TemporalSelfAttention, init_random_weights,
                                    is_show1_unet_config)

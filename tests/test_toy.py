@@ -8,13 +8,14 @@ import itertools
 import pytest
 import torch
 
-import vmc_fast.models.toy as toy  # registers "toy" (until the registry imports it itself)
-from vmc_fast import pretrain_toy, toyworld
+import vmc_fast.toy.model as toy  # registers "toy" (until the registry imports it itself)
+from vmc_fast.toy import pretrain as pretrain_toy
+from vmc_fast.toy import world as toyworld
 from vmc_fast.errors import VmcError
 from vmc_fast.models.registry import LoadOptions, load_backbone
 from vmc_fast.models.show1 import Show1UNet3D
-from vmc_fast.models.show1_pipeline import show1_scheduler
-from vmc_fast.surgery import temporal_qkv_parameters
+from vmc_fast.models.show1.loading import show1_scheduler
+from vmc_fast.tuning.surgery import temporal_qkv_parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

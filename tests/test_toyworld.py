@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from vmc_fast import toyworld as tw
+from vmc_fast.toy import world as tw
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

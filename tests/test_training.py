@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from vmc_fast.adapters import apply_adapter, base_fingerprint, read_adapter
+from vmc_fast.tuning.adapters import apply_adapter, base_fingerprint, read_adapter
 from vmc_fast.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vmc_fast.errors import VmcError
 from vmc_fast.models import load_backbone
-from vmc_fast.session import TuningSession
-from vmc_fast.surgery import prepare_for_motion_tuning, temporal_qkv_parameters
-from vmc_fast.trainer import vmc_loss
+from vmc_fast.tuning.session import TuningSession
+from vmc_fast.tuning.surgery import prepare_for_motion_tuning, temporal_qkv_parameters
+from vmc_fast.tuning.loop import vmc_loss
 
 
 def _cfg(video, tmp_path, model="tiny-random", **train):
@@ -108,7 +108,7 @@ def test_adapter_round_trip_and_refusal_for_another_base(square_video, tmp_path)
 def test_adapter_for_another_architecture_is_refused(tmp_path):
     from diffusers import UNet3DConditionModel
 
-    from vmc_fast.adapters import save_adapter
+    from vmc_fast.tuning.adapters import save_adapter
     from vmc_fast.models.diffusers_unet3d import TINY_UNET_CONFIG
 
     bigger = UNet3DConditionModel(**{**TINY_UNET_CONFIG, "block_out_channels": (64, 64)})
@@ -122,7 +122,7 @@ def test_adapter_for_another_architecture_is_refused(tmp_path):
 
 def test_trains_a_show1_repository_folder(square_video, tmp_path):
     """A Show-1 folder in the original layout is detected by the registry and trained end to end."""
-    from vmc_fast.models.show1_pipeline import build_tiny_random_backbone, save_show1_pretrained
+    from vmc_fast.models.show1.loading import build_tiny_random_backbone, save_show1_pretrained
     from vmc_fast.models.registry import LoadOptions
 
     tiny = build_tiny_random_backbone(LoadOptions())
@@ -167,7 +167,7 @@ def test_fingerprint_does_not_depend_on_the_storage_dtype(model_id):
 
 
 def test_adapter_with_a_legacy_fingerprint_still_loads(tmp_path):
-    from vmc_fast.adapters import save_adapter
+    from vmc_fast.tuning.adapters import save_adapter
 
     unet = load_backbone("tiny-random").unet
     tensors = {name: p.detach() + 0.1 for name, p in temporal_qkv_parameters(unet)}

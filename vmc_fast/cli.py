@@ -79,7 +79,7 @@ def train(
     try:
         cfg = _train_config(locals())
         if cfg.data.videos == "":
-            from vmc_fast.examples import default_example
+            from vmc_fast.toy.examples import default_example
 
             cfg.data.videos, default_prompt = default_example(Path(cfg.out_dir) / "example")
             cfg.prompt = cfg.prompt or default_prompt
@@ -96,7 +96,7 @@ def train(
 
 def _train_config(args: dict):
     from vmc_fast.config import DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
-    from vmc_fast.surgery import DEFAULT_TRAINABLE_PATTERN
+    from vmc_fast.tuning.surgery import DEFAULT_TRAINABLE_PATTERN
 
     return RunConfig(
         data=DataConfig(videos=str(args["videos"] or ""), num_frames=args["frames"],
@@ -115,7 +115,7 @@ def _train_config(args: dict):
 
 
 def _run_train(cfg, console: Console, json_output: bool):
-    from vmc_fast.parallel import train
+    from vmc_fast.runs.launch import train
     from vmc_fast.reporting import RichReporter
 
     reporter = RichReporter(console)
@@ -130,7 +130,7 @@ def _run_train(cfg, console: Console, json_output: bool):
 @app.command()
 def library(out: Path = typer.Argument(Path("vmc-out"), help="A training output folder.")) -> None:
     """Show the state of a tuning run (its manifest.jsonl): done, failed and pending videos."""
-    from vmc_fast.library import Manifest, RunSummary
+    from vmc_fast.runs.library import Manifest, RunSummary
     from vmc_fast.reporting import summary_table
 
     console = Console()
@@ -181,8 +181,8 @@ def generate(
 ) -> None:
     """Generate a video with a motion adapter: DDIM inversion, guided sampling with the tuned UNet, then (Show-1)
     the frozen interpolation and super-resolution stages."""
-    from vmc_fast.generate import GenerateConfig
-    from vmc_fast.generate import generate as run_generate
+    from vmc_fast.inference.generate import GenerateConfig
+    from vmc_fast.inference.generate import generate as run_generate
 
     console = Console()
     try:
@@ -214,7 +214,7 @@ def _stage_sources(values: list[str]) -> dict[str, str]:
 
 
 def _adapter_base(adapter: Path) -> str:
-    from vmc_fast.adapters import read_adapter
+    from vmc_fast.tuning.adapters import read_adapter
 
     return read_adapter(adapter)[1].base_model
 
@@ -273,7 +273,7 @@ def bench(
     json_output: bool = typer.Option(False, "--json", help="Print the records as JSON lines on stdout."),
 ) -> None:
     """Peak memory and wall-clock of training per preset, against the paper's 15 GB / 5 min."""
-    from vmc_fast.bench import default_options, default_presets, run_presets
+    from vmc_fast.studies.bench import default_options, default_presets, run_presets
     from vmc_fast.reporting import bench_table
 
     # In a log (no terminal) rich would cut the table to 80 columns; records are read from logs of GPU slots.
@@ -362,7 +362,7 @@ def demo(
     guidance_scale: float = typer.Option(4.0, help="Classifier-free guidance."),
 ) -> None:
     """Tune the built-in toy model on a motion it never saw, render it with new appearances, and score it."""
-    from vmc_fast.demo import DemoConfig, run_demo
+    from vmc_fast.studies.demo import DemoConfig, run_demo
     from vmc_fast.reporting import scores_table
 
     console = Console()
@@ -412,7 +412,7 @@ def eval_command(
     model: str = typer.Option("toy", "--model", help="Base model; must know the toy world."),
 ) -> None:
     """Measure motion transfer on held-out toy motions: tuning variants side by side, as markdown, JSON and PNG."""
-    from vmc_fast.evaluate import EvalConfig, run_eval
+    from vmc_fast.studies.evaluation import EvalConfig, run_eval
 
     console = Console()
     try:

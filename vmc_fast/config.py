@@ -11,11 +11,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmc_fast.compile import COMPILE_MODES
-from vmc_fast.losses import LOSS_KINDS
+from vmc_fast.tuning.compile import COMPILE_MODES
+from vmc_fast.tuning.losses import LOSS_KINDS
 from vmc_fast.models.attention import BACKENDS
-from vmc_fast.precision import FROZEN_DTYPES as PRECISION_FROZEN_DTYPES
-from vmc_fast.surgery import DEFAULT_TRAINABLE_PATTERN
+from vmc_fast.tuning.precision import FROZEN_DTYPES as PRECISION_FROZEN_DTYPES
+from vmc_fast.tuning.surgery import DEFAULT_TRAINABLE_PATTERN
 
 RESIZE_MODES = ("crop", "squash")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -10,8 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from vmc_fast.config import RunConfig
-from vmc_fast.library import Job, RunSummary
-from vmc_fast.trainer import StepStats
+from vmc_fast.runs.library import Job, RunSummary
+from vmc_fast.tuning.loop import StepStats
 
 
 def peak_memory_text() -> str:

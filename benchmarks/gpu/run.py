@@ -266,7 +266,7 @@ def _check_bench_command(runner: Runner, command: list[str], presets: list[str],
     help_text = log.read_text()
     options = [arg for arg in command if arg.startswith("--")]
     unknown_options = [o for o in options if o not in help_text]
-    from vmc_fast.bench import PRESETS
+    from vmc_fast.studies.bench import PRESETS
 
     unknown = [p for p in presets if p not in PRESETS]
     print("bench command:", shlex.join(command[1:]))

@@ -54,7 +54,7 @@ class Backbone:
     vae_scaling_factor: float = 1.0
     """Latents are multiplied by this after encoding (diffusers convention)."""
     cascade: Any = None
-    """Frozen stages `generate` runs after the keyframes (a `vmc_fast.cascade.Show1Cascade`); None: single-stage."""
+    """Frozen stages `generate` runs after the keyframes (a `vmc_fast.inference.cascade.Show1Cascade`); None: single-stage."""
     benchmark_only: bool = False
     """True for random-weight builds of a real architecture: fine for speed/memory, meaningless outputs."""
 
@@ -174,6 +174,14 @@ def _looks_like_hub_id(model_id: str) -> bool:
     return len(parts) == 2 and all(parts) and not model_id.startswith((".", "/", "~"))
 
 
+BACKBONE_MODULES = ("vmc_fast.models.diffusers_unet3d", "vmc_fast.models.show1.loading", "vmc_fast.toy.model")
+"""Modules that register backbones when imported. Named, not imported here: they import this module (and
+diffusers), and the toy model belongs to the harness, which the product never imports."""
+
+
 def _import_backbones() -> None:
-    """Import the backbone modules so that they register themselves (kept lazy: they import diffusers)."""
-    from vmc_fast.models import diffusers_unet3d, show1_pipeline, toy  # noqa: F401
+    """Import the backbone modules so that they register themselves (lazily: they import diffusers)."""
+    import importlib
+
+    for name in BACKBONE_MODULES:
+        importlib.import_module(name)

@@ -1,0 +1,249 @@
+"""Tuning a motion library: plan the videos, tune each, record every outcome in DIR/manifest.jsonl.
+
+Resumable (videos already `done` with their adapter on disk are skipped), a bad video is recorded as `failed`
+and never stops the rest, and nothing finished is lost: adapters are written atomically and the manifest is
+rewritten atomically under a file lock, so several ranks can share one output folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import tempfile
+import traceback
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from vmc_fast.config import RunConfig
+from vmc_fast.io.video import find_videos
+from vmc_fast.errors import VmcError
+from vmc_fast.io.files import write_text_atomic
+from vmc_fast.io.prompts import appearance_invariant, resolve_prompts
+from vmc_fast.tuning.loop import StepStats
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class Job:
+    """One video to tune."""
+
+    video: Path
+    """The video file or frame folder."""
+    prompt: str | None
+    """Its (possibly derived) prompt; None when it has none."""
+    adapter: Path
+    """Where its adapter goes."""
+    source_prompt: str | None = None
+    """The prompt before --derive-prompt rewrote it."""
+
+
+class Reporter(Protocol):
+    """Progress callbacks; the CLI renders them with rich, tests pass `QuietReporter`."""
+
+    def run_started(self, cfg: RunConfig, jobs: list[Job], num_skipped: int) -> None: ...
+    def video_started(self, job: Job, index: int, total: int) -> None: ...
+    def step(self, stats: StepStats) -> None: ...
+    def video_finished(self, job: Job, entry: dict) -> None: ...
+
+
+class QuietReporter:
+    def run_started(self, cfg, jobs, num_skipped): pass
+    def video_started(self, job, index, total): pass
+    def step(self, stats): pass
+    def video_finished(self, job, entry): pass
+
+
+@dataclass
+class RunSummary:
+    """How a run ended."""
+
+    out_dir: Path
+    entries: list[dict] = field(default_factory=list)
+    """Manifest entries of this run's videos (all ranks)."""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(e["status"] for e in self.entries))
+
+    @property
+    def ok(self) -> bool:
+        return all(e["status"] == "done" for e in self.entries)
+
+
+# --------------------------------------------------------------------------------------------- manifest
+
+
+class Manifest:
+    """DIR/manifest.jsonl: one JSON object per video, keyed by the video path; safe across processes."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / MANIFEST
+        self._lock_path = out_dir / f".{MANIFEST}.lock"
+
+    def read(self) -> dict[str, dict]:
+        if not self.path.is_file():
+            return {}
+        entries = {}
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                entries[entry["video"]] = entry
+        return entries
+
+    def update(self, video: Path, **fields) -> dict:
+        """Merge `fields` into the video's entry and rewrite the file atomically; returns the entry."""
+        with self._locked():
+            entries = self.read()
+            entry = {**entries.get(str(video), {"video": str(video)}), **fields}
+            if entry.get("status") != "failed":
+                entry.pop("error", None)
+            entries[str(video)] = entry
+            self._write(entries.values())
+        return entry
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self._lock_path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _write(self, entries) -> None:
+        write_text_atomic(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+
+
+# --------------------------------------------------------------------------------------------- planning
+
+
+def plan_jobs(cfg: RunConfig) -> list[Job]:
+    """All videos of the run with their prompts and adapter paths (raises VmcError on unusable input)."""
+    videos = find_videos(cfg.data.videos)
+    prompts = resolve_prompts(videos, cfg.prompt)
+    names = _adapter_names(videos)
+    adapters_dir = Path(cfg.out_dir) / "adapters"
+    jobs = []
+    for video in videos:
+        prompt = prompts[video]
+        derived = appearance_invariant(prompt) if (prompt and cfg.derive_prompt) else prompt
+        jobs.append(Job(video=video.resolve(), prompt=derived, adapter=adapters_dir / f"{names[video]}.safetensors",
+                        source_prompt=prompt))
+    if len(jobs) == 1 and jobs[0].prompt is None:
+        raise VmcError(f"video {videos[0]}: no prompt; pass --prompt \"a bird is flying\" or put it in "
+                       f"{videos[0].with_suffix('.txt').name} beside the video")
+    return jobs
+
+
+def _adapter_names(videos: list[Path]) -> dict[Path, str]:
+    # Stems, unless two videos share one (bird.mp4 and bird.gif): then the whole file name.
+    stems = Counter(v.stem for v in videos)
+    return {v: v.stem if stems[v.stem] == 1 else v.name.replace(".", "_") for v in videos}
+
+
+def prepare_out_dir(cfg: RunConfig) -> Path:
+    """Create the output folders, check they are writable, save the config beside the outputs."""
+    out = Path(cfg.out_dir).expanduser()
+    try:
+        (out / "adapters").mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out / "adapters", prefix=".probe", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise VmcError(f"--out {out}: not writable ({exc.strerror or exc}); choose a folder you can write to") from exc
+    write_text_atomic(out / "config.json", cfg.to_json() + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+def pending_jobs(jobs: list[Job], manifest: Manifest) -> list[Job]:
+    """Jobs not already done (a `done` entry whose adapter file is missing is redone)."""
+    entries = manifest.read()
+    return [j for j in jobs if not (entries.get(str(j.video), {}).get("status") == "done" and j.adapter.is_file())]
+
+
+def mark_pending(jobs: list[Job], manifest: Manifest) -> None:
+    """Record every job of the run as `pending` before any work starts, so the manifest shows the whole plan."""
+    for job in jobs:
+        manifest.update(job.video, status="pending", prompt=job.prompt)
+
+
+def run_jobs(session, jobs: list[Job], manifest: Manifest, reporter: Reporter) -> None:
+    """Tune every job in order with one prepared session, recording each outcome; never raises for a video."""
+    with_prompt = [j for j in jobs if j.prompt]
+    embeddings = session.prompt_embeddings(sorted({j.prompt for j in with_prompt})) if with_prompt else {}
+    for index, job in enumerate(jobs, 1):
+        reporter.video_started(job, index, len(jobs))
+        entry = _run_one(session, job, embeddings, manifest, reporter)
+        reporter.video_finished(job, entry)
+
+
+def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: Reporter) -> dict:
+    if not job.prompt:
+        return manifest.update(job.video, status="failed", error=f"video {job.video}: no prompt; add "
+                               f"{job.video.stem}.txt beside it, an entry in prompts.yaml, or pass --prompt")
+    manifest.update(job.video, status="pending", prompt=job.prompt)
+    try:
+        done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, reporter.step)
+    except VmcError as exc:
+        return manifest.update(job.video, status="failed", error=str(exc))
+    except Exception as exc:  # a bad video must never stop the rest; the traceback goes to the log
+        log = job.adapter.parent / f"{job.adapter.stem}.error.log"
+        log.write_text(traceback.format_exc())
+        return manifest.update(job.video, status="failed", error=f"{type(exc).__name__}: {exc} (traceback: {log})")
+    return manifest.update(
+        job.video, status="done", adapter=str(done.adapter), final_loss=done.result.final_loss,
+        seconds=round(done.result.seconds, 3), steps=len(done.result.losses),
+        peak_memory_bytes=done.peak_memory_bytes, source_prompt=job.source_prompt,
+    )
+
+
+def train_videos(cfg: RunConfig, reporter: Reporter | None = None, *, device: str = "cpu", rank: int = 0,
+                 world_size: int = 1, shard: bool = True, make_optimizer_step=None) -> RunSummary:
+    """Tune every pending video of `cfg` (this rank's share when `shard`) and return the run's manifest entries.
+
+    Steps: plan (fails fast on unusable input) → prepare the output folder → skip what is done → prepare one
+    session → tune each video.
+    """
+    from vmc_fast.tuning.session import TuningSession
+
+    reporter = reporter or QuietReporter()
+    jobs = plan_jobs(cfg)
+    out = prepare_out_dir(cfg)
+    manifest = Manifest(out)
+    todo = pending_jobs(jobs, manifest)
+    if rank == 0:
+        mark_pending(todo, manifest)
+    if world_size > 1:
+        # Every rank must split the same list: none may start (and finish a video) before all have read it.
+        import torch.distributed as dist
+
+        dist.barrier()
+    mine = todo[rank::world_size] if shard else todo
+    reporter.run_started(cfg, mine, len(jobs) - len(todo))
+    if mine:
+        writer = shard or rank == 0  # under ZeRO every rank tunes the same video; rank 0 writes
+        session = TuningSession(cfg, device=device, make_optimizer_step=make_optimizer_step, write_adapters=writer)
+        run_jobs(session, mine, manifest if writer else _NoManifest(manifest), reporter)
+    return summarize(out, jobs)
+
+
+def summarize(out: Path, jobs: list[Job]) -> RunSummary:
+    entries = Manifest(out).read()
+    return RunSummary(out_dir=out, entries=[entries.get(str(j.video), {"video": str(j.video), "status": "pending"})
+                                            for j in jobs])
+
+
+class _NoManifest:
+    """For ranks that tune alongside rank 0 (ZeRO): they read but never write the manifest."""
+
+    def __init__(self, manifest: Manifest):
+        self._manifest = manifest
+
+    def update(self, video: Path, **fields) -> dict:
+        return {"video": str(video), **fields}

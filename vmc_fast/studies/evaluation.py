@@ -1,0 +1,438 @@
+"""`vmc-fast eval`: does tuning transfer motion? Measured in the toy world, where every track is known.
+
+For each held-out motion (one the toy model never saw in pretraining) the shipped example clip is the
+reference. Every variant below tunes on it (or not), inverts it with its own UNet, and samples it again with
+new appearances: a shape, colour and background the reference does not have. Each generated video is scored
+against the reference's exact track (`vmc_fast.studies.metrics`):
+
+- motion fidelity: the generated object's track (colour segmentation) against the reference track;
+- colour / shape adherence: is the object the asked colour and shape;
+- colour leak: does the *reference's* colour show instead (appearance copied along with the motion);
+- temporal consistency, and CLIP text alignment / frame consistency when a CLIP model is given.
+
+The variants are one table row each: no tuning (inversion only), the four losses on temporal Q/K/V, the cosine
+loss on spatial instead of temporal attention, and the faithful caption instead of the appearance-invariant one.
+Results go to OUT/eval.md (tables), OUT/eval.json (every sample, the config, machine and git sha) and
+OUT/eval.png (frames), all written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vmc_fast.studies import metrics
+
+from vmc_fast.toy import world as toyworld
+from vmc_fast.config import DataConfig, ModelConfig, RunConfig, TrainConfig, check_field
+from vmc_fast.toy.examples import held_out_example
+from vmc_fast.io.files import atomic_path, write_text_atomic
+from vmc_fast.tuning.surgery import DEFAULT_TRAINABLE_PATTERN
+
+SPATIAL_PATTERN = r"(^|\.)attentions\.\d+\.(transformer_blocks\.\d+\.attn\d\.)?to_[qkv]\.weight$"
+"""Q/K/V of the spatial attention layers (Show-1's ``attentions.N.to_q``; ModelScope's ``attn1/attn2``), never
+the temporal ones (``temp_attentions``)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the comparison."""
+
+    name: str
+    description: str
+    tune: bool = True
+    loss: str = "cos"
+    trainable: str = DEFAULT_TRAINABLE_PATTERN
+    prompt: str = "motion"
+    """Tuning prompt: ``motion`` = the appearance-invariant caption, ``full`` = the faithful caption."""
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("no-tuning", "inversion only, untuned model", tune=False),
+    Variant("cos", "VMC: cosine motion distillation on temporal Q/K/V, motion-only prompt"),
+    Variant("l2", "l2 between frame residuals", loss="l2"),
+    Variant("cos-frames-abs", "cosine on absolute per-frame noise", loss="cos-frames-abs"),
+    Variant("eps-mse", "plain denoising loss (learns appearance too)", loss="eps-mse"),
+    Variant("spatial", "cosine loss on spatial instead of temporal attention Q/K/V", trainable=SPATIAL_PATTERN),
+    Variant("faithful-prompt", "cosine loss with the full caption (appearance words kept)", prompt="full"),
+)}
+
+SCORE_KEYS = ("motion_fidelity", "colour_adherence", "shape_adherence", "colour_leak", "temporal_consistency",
+              "clip_text_alignment", "clip_frame_consistency")
+"""Per-sample scores averaged in the table (CLIP ones only with a CLIP model)."""
+
+ProgressCallback = Callable[[str, int, int], None]
+"""progress(label, units_done, units_total): units are UNet calls (tuning steps and denoising steps)."""
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run."""
+
+    model_id: str = "toy"
+    """The base model; its world must be the toy world (the references are toy clips)."""
+    motions: tuple[str, ...] = toyworld.HELD_OUT_MOTIONS
+    """Held-out motions to evaluate (each has a shipped example clip)."""
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    """Rows of the table, keys of VARIANTS."""
+    samples: int = 3
+    """Videos generated per motion and seed, each with a new appearance."""
+    seeds: tuple[int, ...] = (0,)
+    """Each seed tunes again (timesteps and noise) and draws other new appearances."""
+    steps: int = 400
+    """Tuning steps per variant and clip (paper: 400)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of tuning (paper: 1e-4)."""
+    inference_steps: int = 25
+    """DDIM inversion and sampling steps (paper: 75)."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance of sampling (paper: 9.0 for Show-1)."""
+    clip_model: str | None = None
+    """CLIP hub id or folder for text alignment and frame consistency; None skips them."""
+    out_dir: str = "benchmarks/eval"
+    """Where eval.md, eval.json and eval.png go."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda``."""
+    cache_dir: str = field(default_factory=lambda: RunConfig().cache_dir)
+    """Prompt-embedding cache."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.motions if m not in toyworld.HELD_OUT_MOTIONS]
+        check_field(bool(self.motions) and not unknown, "--motions",
+                    f"{', '.join(unknown) or 'none given'}: choose from {', '.join(toyworld.HELD_OUT_MOTIONS)}")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        check_field(bool(self.variants) and not unknown, "--variants",
+                    f"{', '.join(unknown) or 'none given'}: choose from {', '.join(VARIANTS)}")
+        check_field(1 <= self.samples <= 64, "--samples", "must be between 1 and 64")
+        check_field(bool(self.seeds) and all(s >= 0 for s in self.seeds), "--seeds", "must be 0 or more")
+        check_field(1 <= self.inference_steps <= 1000, "--inference-steps", "must be between 1 and 1000")
+        check_field(self.guidance_scale >= 1, "--guidance-scale", "must be 1.0 or more")
+        check_field(self.device in ("cpu", "cuda"), "--device", "must be cpu or cuda")
+        TrainConfig(steps=self.steps, learning_rate=self.learning_rate)  # the same checks as `train`
+
+    def run_config(self, variant: Variant, seed: int) -> RunConfig:
+        """The tuning config of one variant and seed."""
+        return RunConfig(
+            data=DataConfig(), model=ModelConfig(model_id=self.model_id, trainable_pattern=variant.trainable),
+            train=TrainConfig(steps=self.steps, learning_rate=self.learning_rate, loss=variant.loss, seed=seed),
+            out_dir=self.out_dir, cache_dir=self.cache_dir)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def new_appearances(reference: toyworld.ClipSpec, count: int, seed: int) -> list[toyworld.ClipSpec]:
+    """`count` specs with the reference's motion (same path) and a shape, colour and background it lacks.
+
+    Colours stay apart from the background (no white on grey, no blue on dark blue) so segmentation is fair.
+    """
+    rng = random.Random(f"{reference.motion}-{seed}")
+    too_close = {("blue", "dark-blue"), ("white", "grey")}
+    shapes = [s for s in toyworld.SHAPES if s != reference.shape]
+    colours = [c for c in toyworld.COLOURS if c != reference.colour]
+    backgrounds = [b for b in toyworld.BACKGROUNDS if b != reference.background]
+    specs = []
+    while len(specs) < count:
+        colour, background = rng.choice(colours), rng.choice(backgrounds)
+        if (colour, background) in too_close:
+            continue
+        specs.append(dataclasses.replace(reference, shape=rng.choice(shapes), colour=colour, background=background))
+    return specs
+
+
+def unet_calls(cfg: EvalConfig, variant: Variant) -> int:
+    """UNet calls of one (variant, motion, seed) job, for the progress bar."""
+    return (cfg.steps if variant.tune else 0) + cfg.inference_steps * (1 + cfg.samples)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_eval(cfg: EvalConfig, progress: ProgressCallback | None = None) -> dict:
+    """Tune, generate and score every (variant, seed, motion); write eval.md/json/png; return the report."""
+    from vmc_fast.tuning.session import TuningSession
+
+    references = {m: held_out_example(m) for m in cfg.motions}
+    clip_scorer = _clip_scorer(cfg.clip_model)
+    total = sum(unet_calls(cfg, VARIANTS[v]) for v in cfg.variants) * len(cfg.motions) * len(cfg.seeds)
+    done, samples, figure = 0, [], {}
+    start = time.perf_counter()
+    for name in cfg.variants:
+        variant = VARIANTS[name]
+        for seed in cfg.seeds:
+            session = TuningSession(cfg.run_config(variant, seed), device=cfg.device, write_adapters=False)
+            for motion in cfg.motions:
+                label = f"{name} {motion} seed {seed}"
+                path, reference = references[motion]
+
+                def tick(units: int, _label=label) -> None:
+                    nonlocal done
+                    done += units
+                    if progress is not None:
+                        progress(_label, done, total)
+
+                job = tune_and_generate(cfg, session, variant, seed, path, reference, clip_scorer, tick)
+                samples.extend(job["samples"])
+                figure.setdefault(motion, {})[name] = job["frames"][0]
+            del session
+    report = _report(cfg, samples, time.perf_counter() - start)
+    write_outputs(report, figure, references, Path(cfg.out_dir))
+    return report
+
+
+def tune_and_generate(cfg: EvalConfig, session, variant: Variant, seed: int, path: Path, reference: toyworld.Clip,
+                      clip_scorer, tick: Callable[[int], None], adapter_path: Path | None = None) -> dict:
+    """Tune one variant on one reference (or not), invert it once, sample every new appearance, score them.
+
+    Returns {"samples": one record per new appearance, "frames": their (3, F, H, W) videos}. The adapter is
+    written to `adapter_path` when the session writes adapters.
+    """
+    from vmc_fast.inference.generate import ddim_invert, decode, sample
+
+    prompt = reference.motion_caption if variant.prompt == "motion" else reference.caption
+    targets = new_appearances(reference.spec, cfg.samples, seed)
+    captions = [toyworld.captions(spec)[0] for spec in targets]
+    embeddings = session.prompt_embeddings(list(dict.fromkeys([prompt, "", *captions])))
+    tune_seconds, final_loss = None, None
+    if variant.tune:
+        adapter_path = adapter_path or Path(cfg.out_dir) / "adapters" / f"{reference.spec.motion}.safetensors"
+        result = session.tune_video(path, prompt, embeddings[prompt], adapter_path,
+                                    on_step=lambda stats: tick(1)).result
+        tune_seconds, final_loss = result.seconds, result.final_loss
+    else:
+        session.reset_trainable()
+    unet, scheduler = session.backbone.unet, session.backbone.noise_scheduler.config
+    device = session.device
+    empty = embeddings[""].unsqueeze(0).to(device)
+    x_T = ddim_invert(unet, session.load_input(path), empty, scheduler, cfg.inference_steps,
+                      on_step=lambda *_: tick(1))
+    records, frames_list = [], []
+    for spec, caption in zip(targets, captions):
+        cond = embeddings[caption].unsqueeze(0).to(device)
+        x0 = sample(unet, x_T, cond, empty, scheduler, cfg.inference_steps, cfg.guidance_scale,
+                    on_step=lambda *_: tick(1))
+        frames = decode(session.backbone, x0)
+        frames_list.append(frames)
+        records.append({"variant": variant.name, "motion": reference.spec.motion, "seed": seed, "prompt": caption,
+                        "tuning_prompt": prompt, "target": {"shape": spec.shape, "colour": spec.colour,
+                                                            "background": spec.background},
+                        "tune_seconds": tune_seconds, "final_loss": final_loss,
+                        **score(frames, reference, spec, clip_scorer)})
+    return {"samples": records, "frames": frames_list}
+
+
+def score(frames: torch.Tensor, reference: toyworld.Clip, target: toyworld.ClipSpec, clip_scorer=None) -> dict:
+    """The scores of one generated video (3, F, H, W) in [-1, 1] asked to show `target`'s appearance."""
+    # The track comes from saliency, not from the asked colour: a video that copies the motion in the wrong
+    # colour scores on motion and fails on colour, rather than failing on both.
+    report = metrics.motion_transfer_report(frames, reference)
+    asked = metrics.appearance_adherence(frames, target.colour, target.shape)
+    leak = metrics.appearance_adherence(frames, reference.spec.colour).colour
+    scores = {**{k: _finite(v) for k, v in report.items()}, "colour_adherence": asked.colour,
+              "shape_adherence": _finite(asked.shape), "colour_leak": leak}
+    if clip_scorer is not None:
+        clip = clip_scorer(frames, toyworld.captions(target)[0])
+        scores.update(clip_text_alignment=clip.text_alignment, clip_frame_consistency=clip.frame_consistency)
+    return scores
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _clip_scorer(name: str | None):
+    """frames, prompt -> metrics.ClipScores, or None without a CLIP model (``tiny-random`` builds a tiny one)."""
+    if name is None:
+        return None
+    if name == "tiny-random":
+        model, tokenizer = metrics.tiny_random_clip()
+        return lambda frames, prompt: metrics.clip_metrics(frames, prompt, model, tokenizer=tokenizer)
+    model, processor = metrics.load_clip(name)
+    return lambda frames, prompt: metrics.clip_metrics(frames, prompt, model, processor)
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(samples: list[dict], variants: list[str], motions: list[str]) -> dict:
+    """{variant: {score: mean over every sample, "per_motion": {motion: motion fidelity}, "samples": n}}."""
+    summary = {}
+    for name in variants:
+        rows = [s for s in samples if s["variant"] == name]
+        entry = {key: _mean([r.get(key) for r in rows]) for key in SCORE_KEYS}
+        entry["per_motion"] = {m: _mean([r["motion_fidelity"] for r in rows if r["motion"] == m]) for m in motions}
+        entry["tune_seconds"] = _mean([r["tune_seconds"] for r in rows])
+        entry["samples"] = len(rows)
+        summary[name] = entry
+    return summary
+
+
+def findings(summary: dict, samples: list[dict] | None = None) -> list[str]:
+    """The two claims the evaluation checks, stated with the numbers, whichever way they go.
+
+    With the samples, each line also gives the paired difference behind it (same motion, seed and asked
+    appearance in both rows) and whether it is beyond two standard errors.
+    """
+    lines = []
+
+    def get(name, key):
+        return summary.get(name, {}).get(key)
+
+    def paired(a, b, key):
+        return _significance(paired_difference(samples, a, b, key)) if samples else ""
+
+    base, vmc = get("no-tuning", "motion_fidelity"), get("cos", "motion_fidelity")
+    if base is not None and vmc is not None:
+        verdict = "holds" if vmc > base else "does not hold"
+        lines.append(f"Tuning beats no tuning on motion fidelity: {verdict} here (cos {vmc:.3f} vs no tuning "
+                     f"{base:.3f}{paired('cos', 'no-tuning', 'motion_fidelity')}).")
+    cos_c, eps_c = get("cos", "colour_adherence"), get("eps-mse", "colour_adherence")
+    cos_l, eps_l = get("cos", "colour_leak"), get("eps-mse", "colour_leak")
+    if None not in (cos_c, eps_c, cos_l, eps_l):
+        verdict = "holds" if cos_c > eps_c or (cos_c == eps_c and cos_l < eps_l) else "does not hold"
+        lines.append(f"The motion loss keeps appearance freer than eps-mse: {verdict} here (asked colour shown "
+                     f"{cos_c:.3f} vs {eps_c:.3f}{paired('cos', 'eps-mse', 'colour_adherence')}; reference colour "
+                     f"leaking {cos_l:.3f} vs {eps_l:.3f}{paired('cos', 'eps-mse', 'colour_leak')}).")
+    return lines
+
+
+def paired_difference(samples: list[dict], a: str, b: str, key: str) -> tuple[float, float, int] | None:
+    """(mean of a - b, its standard error, n) over the cases both variants scored; None below 2 cases.
+
+    A case is one motion, seed and asked appearance: every variant renders the same ones, so the pairs share
+    everything but the tuning.
+    """
+    def by_case(name: str) -> dict:
+        return {(r["motion"], r["seed"], r["prompt"]): r[key] for r in samples
+                if r["variant"] == name and r.get(key) is not None}
+
+    first, second = by_case(a), by_case(b)
+    diffs = [first[case] - second[case] for case in sorted(first.keys() & second.keys())]
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return mean, math.sqrt(variance / n), n
+
+
+def _significance(stats: tuple[float, float, int] | None) -> str:
+    if stats is None:
+        return ""
+    mean, se, n = stats
+    where = "beyond" if abs(mean) > 2 * se else "within"
+    return f"; paired difference {mean:+.3f}, s.e. {se:.3f} over {n} cases, {where} 2 s.e."
+
+
+def _report(cfg: EvalConfig, samples: list[dict], seconds: float) -> dict:
+    from vmc_fast.toy.pretrain import machine_description
+
+    summary = summarize(samples, list(cfg.variants), list(cfg.motions))
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_sha": _git_sha(),
+            "machine": machine_description(), "seconds": round(seconds, 1),
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"},
+            "model_training": _model_training(cfg.model_id), "summary": summary,
+            "findings": findings(summary, samples), "samples": samples}
+
+
+def _model_training(model_id: str) -> dict | None:
+    """The toy weights' training record (steps, loss, machine), so a table always says which weights it scored."""
+    if model_id != "toy":
+        return None
+    from vmc_fast.toy.model import read_toy_config
+
+    training = read_toy_config().get("training", {})
+    return {k: training.get(k) for k in ("steps", "final_loss", "wall_s", "machine")}
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown(report: dict) -> str:
+    """eval.md: the setup, the comparison table, motion fidelity per motion, and the findings."""
+    cfg, summary = report["config"], report["summary"]
+    keys = [k for k in SCORE_KEYS if any(summary[v][k] is not None for v in summary)]
+    head = ["variant", *keys, "tune s", "samples"]
+    lines = [
+        "# Motion transfer in the toy world (`vmc-fast eval`)", "",
+        f"- Date: {report['date']}; git {report['git_sha']}; machine: {report['machine']}; took "
+        f"{report['seconds'] / 60:.1f} min",
+        f"- Model: `{cfg['model_id']}`" + (f" (weights: {report['model_training']['steps']} pretraining steps, "
+                                           f"loss {report['model_training']['final_loss']:.4f})"
+                                           if report.get("model_training") else ""),
+        f"- Held-out motions: {', '.join(cfg['motions'])}; one reference clip each (the shipped examples); "
+        f"seeds {', '.join(map(str, cfg['seeds']))}; {cfg['samples']} new appearances per motion and seed",
+        f"- Tuning: {cfg['steps']} steps at lr {cfg['learning_rate']:g}; DDIM inversion and sampling "
+        f"{cfg['inference_steps']} steps, guidance {cfg['guidance_scale']:g}",
+        "- Scores are means over samples; all in [0, 1], higher is better except `colour_leak` (the reference's "
+        "colour shown instead of the asked one).", "",
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+    ]
+    for name, entry in summary.items():
+        cells = [name, *(_fmt(entry[k]) for k in keys), _fmt(entry["tune_seconds"]), str(entry["samples"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    motions = cfg["motions"]
+    lines += ["", "Motion fidelity per motion:", "", "| variant | " + " | ".join(motions) + " |",
+              "|" + "---|" * (len(motions) + 1)]
+    for name, entry in summary.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(entry["per_motion"][m]) for m in motions) + " |")
+    lines += ["", "Variants:", ""] + [f"- `{n}`: {VARIANTS[n].description}" for n in summary]
+    lines += ["", "Findings:", ""] + [f"- {line}" for line in report["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def figure_image(figure: dict, references: dict, scale: int = 3):
+    """A PIL image: per motion, the reference row then one generated row per variant; columns are frames."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for motion, by_variant in figure.items():
+        rows.append((f"{motion}: reference", references[motion][1].frames))
+        rows.extend((f"{motion}: {name}", frames) for name, frames in by_variant.items())
+    label_w = 150
+    frame_h, frame_w = rows[0][1].shape[2] * scale, rows[0][1].shape[3] * scale
+    num_frames = rows[0][1].shape[1]
+    image = Image.new("RGB", (label_w + num_frames * frame_w, len(rows) * frame_h), "white")
+    draw = ImageDraw.Draw(image)
+    for r, (label, frames) in enumerate(rows):
+        draw.text((4, r * frame_h + frame_h // 2 - 6), label, fill="black")
+        for f, pixels in enumerate(toyworld.frames_to_uint8(frames)):
+            tile = Image.fromarray(pixels.numpy()).resize((frame_w, frame_h), Image.NEAREST)
+            image.paste(tile, (label_w + f * frame_w, r * frame_h))
+    return image
+
+
+def write_outputs(report: dict, figure: dict, references: dict, out_dir: Path) -> dict[str, Path]:
+    """eval.json, eval.md and eval.png in out_dir, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "eval.json", "markdown": out_dir / "eval.md", "figure": out_dir / "eval.png"}
+    write_text_atomic(paths["json"], json.dumps(report, indent=1) + "\n")
+    write_text_atomic(paths["markdown"], markdown(report))
+    with atomic_path(paths["figure"]) as tmp:
+        figure_image(figure, references).save(tmp, format="PNG")
+    return paths

@@ -1,0 +1,64 @@
+"""Model surgery: freeze the whole UNet, then unfreeze exactly the temporal attention Q/K/V projections.
+
+Frozen weights stay in their storage/compute dtype (bf16 on GPU); trainable ones are upcast to fp32 master
+precision so AdamW's small updates are not lost to rounding.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vmc_fast.errors import VmcError
+
+DEFAULT_TRAINABLE_PATTERN = r"temp_attentions\..*\.to_[qkv]\.weight$"
+
+
+@dataclass(frozen=True)
+class SurgeryReport:
+    """What surgery unfroze."""
+
+    num_tensors: int
+    """Trainable tensors."""
+    num_trainable: int
+    """Trainable parameters."""
+    num_total: int
+    """All parameters of the UNet."""
+
+    def __str__(self) -> str:
+        share = 100.0 * self.num_trainable / max(self.num_total, 1)
+        return (f"{self.num_tensors} trainable tensors, {self.num_trainable:,} of {self.num_total:,} parameters "
+                f"({share:.2f}%)")
+
+
+def temporal_qkv_parameters(unet: nn.Module, pattern: str = DEFAULT_TRAINABLE_PATTERN) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs whose name matches `pattern` (default: temporal attention to_q/to_k/to_v)."""
+    regex = re.compile(pattern)
+    return [(name, param) for name, param in unet.named_parameters() if regex.search(name)]
+
+
+def prepare_for_motion_tuning(unet: nn.Module, pattern: str = DEFAULT_TRAINABLE_PATTERN,
+                              master_dtype: torch.dtype = torch.float32) -> SurgeryReport:
+    """Freeze everything, unfreeze the matching parameters in `master_dtype`; VmcError if nothing matches."""
+    unet.requires_grad_(False)
+    trainable = temporal_qkv_parameters(unet, pattern)
+    if not trainable:
+        raise VmcError(f"no parameter name matches the trainable pattern {pattern!r}; the default "
+                       f"{DEFAULT_TRAINABLE_PATTERN!r} expects temporal attention layers named temp_attentions.*")
+    for _, param in trainable:
+        param.data = param.data.to(master_dtype)
+        param.requires_grad_(True)
+    return SurgeryReport(
+        num_tensors=len(trainable),
+        num_trainable=sum(p.numel() for _, p in trainable),
+        num_total=sum(p.numel() for p in unet.parameters()),
+    )
+
+
+def trainable_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The tuned tensors under the base model's own names, detached copies on the CPU."""
+    return {name: p.detach().to("cpu", copy=True).contiguous()
+            for name, p in unet.named_parameters() if p.requires_grad}
