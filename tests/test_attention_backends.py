@@ -9,12 +9,16 @@ import sys
 
 import pytest
 import torch
-
 from conftest import TRITON_INTERPRETED
+
 from vmc_fast.errors import VmcError
 from vmc_fast.models import attention as attn_mod
 from vmc_fast.models import load_backbone
-from vmc_fast.models.attention import TemporalAttnProcessor, attention, set_temporal_attention_backend
+from vmc_fast.models.attention import (
+    TemporalAttnProcessor,
+    attention,
+    set_temporal_attention_backend,
+)
 from vmc_fast.tuning.surgery import prepare_for_motion_tuning, temporal_qkv_parameters
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None and TRITON_INTERPRETED

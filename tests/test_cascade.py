@@ -6,13 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from vmc_fast.inference.cascade import CascadeSettings, PixelStage, interpolate, run_cascade, sr1_windows, super_resolve
+from vmc_fast.config import GenerateConfig
 from vmc_fast.errors import VmcError
-from vmc_fast.inference.generate import GenerateConfig, generate
+from vmc_fast.inference.cascade import (
+    CascadeSettings,
+    interpolate,
+    run_cascade,
+    sr1_windows,
+    super_resolve,
+)
+from vmc_fast.inference.generate import generate
 from vmc_fast.models import load_backbone
 from vmc_fast.models.registry import LoadOptions
 from vmc_fast.models.show1.loading import show1_scheduler
-from vmc_fast.models.show1.stages import save_stage, tiny_cascade
+from vmc_fast.models.show1.stages import PixelStage, save_stage, tiny_cascade
 
 ONE_STEP = CascadeSettings().with_steps(1)
 

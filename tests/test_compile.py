@@ -12,10 +12,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from vmc_fast.models import load_backbone
 from vmc_fast.tuning.adapters import apply_adapter, base_fingerprint, save_adapter
 from vmc_fast.tuning.compile import compile_regions, compile_unet, is_compiled
-from vmc_fast.models import load_backbone
-from vmc_fast.tuning.surgery import prepare_for_motion_tuning, temporal_qkv_parameters, trainable_state
+from vmc_fast.tuning.surgery import (
+    prepare_for_motion_tuning,
+    temporal_qkv_parameters,
+    trainable_state,
+)
 
 BACKEND = os.environ.get("VMC_FAST_COMPILE_TEST_BACKEND", "aot_eager")
 

@@ -1,10 +1,15 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import moving_square_frames, write_frame_folder, write_video
-from vmc_fast.io.video import FrameSampling, center_crop_to_aspect, find_videos, load_clip
+
 from vmc_fast.errors import VmcError
+from vmc_fast.io.video import (
+    FrameSampling,
+    center_crop_to_aspect,
+    find_videos,
+    load_clip,
+)
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".gif", ".webm", ".mov"])

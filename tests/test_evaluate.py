@@ -13,12 +13,25 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vmc_fast.toy import world as toyworld
 from vmc_fast.cli import app
 from vmc_fast.io.video import FrameSampling, load_clip
-from vmc_fast.studies.evaluation import (SPATIAL_PATTERN, VARIANTS, EvalConfig, findings, markdown, new_appearances,
-                               paired_difference, run_eval, score)
-from vmc_fast.toy.examples import EXAMPLES_DIR, held_out_example, held_out_spec, write_held_out_examples
+from vmc_fast.studies.evaluation import (
+    SPATIAL_PATTERN,
+    EvalConfig,
+    findings,
+    markdown,
+    new_appearances,
+    paired_difference,
+    run_eval,
+    score,
+)
+from vmc_fast.toy import world as toyworld
+from vmc_fast.toy.examples import (
+    EXAMPLES_DIR,
+    held_out_example,
+    held_out_spec,
+    write_held_out_examples,
+)
 
 runner = CliRunner()
 

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from vmc_fast.tuning.adapters import base_fingerprint, save_adapter
+from vmc_fast.config import GenerateConfig
 from vmc_fast.errors import VmcError
-from vmc_fast.inference.generate import (GenerateConfig, ddim_invert, generate, inversion_scheduler, sample,
-                               sampling_scheduler, write_video_atomic)
+from vmc_fast.inference.ddim import (
+    ddim_invert,
+    inversion_scheduler,
+    sample,
+    sampling_scheduler,
+)
+from vmc_fast.inference.generate import generate
+from vmc_fast.io.video import write_video_atomic
 from vmc_fast.models import load_backbone
-from vmc_fast.tuning.surgery import temporal_qkv_parameters
 from vmc_fast.toy.world import ClipSpec, render_clip, write_clip
+from vmc_fast.tuning.adapters import base_fingerprint, save_adapter
+from vmc_fast.tuning.surgery import temporal_qkv_parameters
 
 # Small enough for a busy 2-core CPU: 4 frames at 16x16 pixels (8x8 latents for tiny-random).
 FRAMES, SIZE = 4, 16
@@ -140,7 +149,9 @@ def test_generate_inverts_a_video_and_writes_a_gif_atomically(tmp_path, tiny):
     assert result.frames.shape == (3, FRAMES, SIZE, SIZE) and result.frames.abs().max() <= 1
     assert result.x_T.shape == (1, 4, FRAMES, 8, 8)
     assert result.output == out and Image.open(out).n_frames == FRAMES
-    assert [p.name for p in out.parent.iterdir()] == ["result.gif"]  # no temporary file left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["result.gif", "result.json"]  # no temporary file left
+    sidecar = json.loads((out.parent / "result.json").read_text())  # what produced the video, beside it
+    assert sidecar["config"]["prompt"] == "a ball is moving to the right" and sidecar["frames"] == [FRAMES, SIZE, SIZE]
     assert result.note == ""  # a one-stage model: nothing left out
     assert {"load", "prompts", "invert", "sample", "decode", "write"} <= result.seconds.keys()
 

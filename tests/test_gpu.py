@@ -14,14 +14,12 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from conftest import moving_square_frames, write_frame_folder
+from torch import nn
 
 REHEARSAL = os.environ.get("VMC_FAST_GPU_TESTS_ON_CPU") == "1" and not torch.cuda.is_available()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,9 +91,10 @@ def test_bf16_autocast_training_changes_only_temporal_qkv(model_id):
     """The session's real setup (bf16 frozen weights, bf16 autocast) for 3 steps: finite losses, every temporal
     Q/K/V tensor moved, every other tensor bit-identical."""
     from vmc_fast.config import ModelConfig, RunConfig, TrainConfig
+    from vmc_fast.tuning.loop import tune
     from vmc_fast.tuning.session import TuningSession
+    from vmc_fast.tuning.steps import TorchStep
     from vmc_fast.tuning.surgery import temporal_qkv_parameters
-    from vmc_fast.tuning.loop import TorchStep, tune
 
     cfg = RunConfig(model=ModelConfig(model_id=model_id, frozen_dtype="bf16"),
                     train=TrainConfig(steps=3, precision="bf16", learning_rate=1e-3))
@@ -151,7 +150,7 @@ def test_adamw8bit_follows_adamw():
     moments, bitsandbytes' paper: the update differs by quantization noise, not by a bias)."""
     _library("bitsandbytes")
     from vmc_fast.config import TrainConfig
-    from vmc_fast.tuning.loop import build_optimizer
+    from vmc_fast.tuning.steps import build_optimizer
 
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(128, 256, generator=gen).to(DEVICE)
@@ -238,7 +237,11 @@ def test_regional_compile_swaps_adapters_without_recompiling(tmp_path):
 
     from vmc_fast.tuning.adapters import apply_adapter, base_fingerprint, save_adapter
     from vmc_fast.tuning.compile import compile_unet
-    from vmc_fast.tuning.surgery import prepare_for_motion_tuning, temporal_qkv_parameters, trainable_state
+    from vmc_fast.tuning.surgery import (
+        prepare_for_motion_tuning,
+        temporal_qkv_parameters,
+        trainable_state,
+    )
 
     backbone = _backbone("tiny-random", torch.bfloat16)
     unet = backbone.unet
@@ -325,8 +328,9 @@ def test_zero_on_one_rank(tmp_path, stage):
 @pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
 def test_generate_keyframes(tmp_path, model_id):
     """DDIM inversion of a clip and guided sampling on the device, with and without an adapter."""
+    from vmc_fast.config import GenerateConfig
+    from vmc_fast.inference.generate import generate
     from vmc_fast.tuning.adapters import base_fingerprint, save_adapter
-    from vmc_fast.inference.generate import GenerateConfig, generate
     from vmc_fast.tuning.surgery import temporal_qkv_parameters
 
     video = write_frame_folder(tmp_path / "clip", moving_square_frames(num_frames=6))
@@ -354,7 +358,12 @@ def test_generate_keyframes(tmp_path, model_id):
 @pytest.mark.parametrize("preset", ["fast-eager", "fast-eager+int8"])
 def test_bench_measures_a_preset(preset):
     """The bench's measuring path on the device before the long run: peak memory and a step time."""
-    from vmc_fast.studies.bench import PRESETS, BenchOptions, preset_requirements, run_one
+    from vmc_fast.studies.bench import (
+        PRESETS,
+        BenchOptions,
+        preset_requirements,
+        run_one,
+    )
 
     for module in preset_requirements(PRESETS[preset]):
         _library(module)

@@ -1,4 +1,4 @@
-"""Each loss kind equals a direct, loop-based computation of its formula (DESIGN.md section 1)."""
+"""Each loss kind equals a direct, loop-based computation of its formula (docs/design.md section 1)."""
 
 import math
 

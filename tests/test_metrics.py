@@ -10,7 +10,6 @@ import torch
 from vmc_fast.studies import metrics as M
 from vmc_fast.toy import world as tw
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -29,8 +29,13 @@ from torch import nn
 
 from vmc_fast.models import load_backbone
 from vmc_fast.models.registry import LoadOptions
-from vmc_fast.tuning.precision import (QuantizedConv, apply_frozen_precision, dequantize_per_channel,
-                                frozen_bytes_by_kind, frozen_weight_bytes)
+from vmc_fast.tuning.precision import (
+    QuantizedConv,
+    apply_frozen_precision,
+    dequantize_per_channel,
+    frozen_bytes_by_kind,
+    frozen_weight_bytes,
+)
 from vmc_fast.tuning.surgery import prepare_for_motion_tuning
 
 # bitsandbytes logs one warning per int8 matmul about casting activations to fp16 for quantization.

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from vmc_fast.errors import VmcError
-from vmc_fast.io.prompts import appearance_invariant, cached_prompt_embeddings, resolve_prompts
+from vmc_fast.io.prompts import (
+    appearance_invariant,
+    cached_prompt_embeddings,
+    resolve_prompts,
+)
 
 
 @pytest.mark.parametrize("caption, expected", [

@@ -9,13 +9,20 @@ import pytest
 import torch
 
 from vmc_fast.errors import VmcError
-from vmc_fast.models.show1 import loading as pipe
+from vmc_fast.models import tiny
 from vmc_fast.models.registry import LoadOptions, load_backbone
-from vmc_fast.models.show1 import (Show1Config, Show1UNet3D, TemporalSelfAttention, init_random_weights,
-                                   is_show1_unet_config)
+from vmc_fast.models.show1 import (
+    Show1Config,
+    Show1UNet3D,
+    TemporalSelfAttention,
+    init_random_weights,
+    is_show1_unet_config,
+)
+from vmc_fast.models.show1 import loading as pipe
+from vmc_fast.models.show1 import text_encoder as show1_text
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/show1"
-needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"Show-1 reference fixtures not found at {REFERENCE}")
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "show1"
+"""Data produced by running the original Show-1 code on tiny models (see its README.md)."""
 QKV_SUFFIXES = ("to_q.weight", "to_k.weight", "to_v.weight")
 
 
@@ -25,7 +32,7 @@ def _reference_json(*parts: str) -> dict:
 
 def _small_unet(seed: int = 0) -> Show1UNet3D:
     """A tiny1-sized UNet with random (non-zero everywhere) weights; works without the fixtures."""
-    return init_random_weights(Show1UNet3D.from_config(pipe.tiny_show1_unet_config()), seed)
+    return init_random_weights(Show1UNet3D.from_config(tiny.show1_unet_config()), seed)
 
 
 def _temporal_qkv(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -43,7 +50,6 @@ def base_unet_on_meta() -> Show1UNet3D:
         return Show1UNet3D(Show1Config())
 
 
-@needs_reference
 def test_base_state_dict_names_shapes_and_order_equal_original(base_unet_on_meta):
     config = Show1Config.from_dict(_reference_json("show1_base_config.json"))
     assert config == base_unet_on_meta.config
@@ -64,30 +70,30 @@ def test_base_temporal_qkv_count(base_unet_on_meta):
 
 
 def test_config_is_attribute_access_and_validated():
-    unet = Show1UNet3D.from_config({**pipe.tiny_show1_unet_config(), "_name_or_path": "ignored"})
+    unet = Show1UNet3D.from_config({**tiny.show1_unet_config(), "_name_or_path": "ignored"})
     assert unet.config.in_channels == 3 and unet.config.out_channels == 6
     assert unet.config.block_out_channels == (32, 64)
     assert unet.config.addition_embed_type == "text"
     with pytest.raises(ValueError, match="down_block_types"):
-        Show1UNet3D.from_config({**pipe.tiny_show1_unet_config(),
+        Show1UNet3D.from_config({**tiny.show1_unet_config(),
                                  "down_block_types": ["CrossAttnDownBlock3D", "SimpleCrossAttnDownBlock3D"]})
     with pytest.raises(ValueError, match="transfromer_in_opt"):
-        Show1UNet3D.from_config({**pipe.tiny_show1_unet_config(), "transfromer_in_opt": True})
+        Show1UNet3D.from_config({**tiny.show1_unet_config(), "transfromer_in_opt": True})
     with pytest.raises(ValueError, match="block_out_channels"):
-        Show1UNet3D.from_config({**pipe.tiny_show1_unet_config(), "block_out_channels": [16, 32]})
+        Show1UNet3D.from_config({**tiny.show1_unet_config(), "block_out_channels": [16, 32]})
 
 
 def test_interpolation_style_config_same_class():
     """Show-1's other stages are the same class with more input channels."""
     unet = _small_unet()
-    wider = Show1UNet3D.from_config({**pipe.tiny_show1_unet_config(), "in_channels": 7})
+    wider = Show1UNet3D.from_config({**tiny.show1_unet_config(), "in_channels": 7})
     assert wider.conv_in.weight.shape[1] == 7
     assert set(wider.state_dict()) == set(unet.state_dict())
 
 
 def test_super_resolution_style_config_takes_noise_level_labels():
     """IF-II/Show-1 SR stages condition on the noise level of their low-resolution input (class_embed_type)."""
-    config = {**pipe.tiny_show1_unet_config(), "in_channels": 6, "class_embed_type": "timestep"}
+    config = {**tiny.show1_unet_config(), "in_channels": 6, "class_embed_type": "timestep"}
     unet = Show1UNet3D.from_config(config).eval()
     temb = unet.time_embedding.linear_2.out_features
     c0 = unet.config.block_out_channels[0]
@@ -110,7 +116,6 @@ def test_super_resolution_style_config_takes_noise_level_labels():
 # Numerical equality with the original code
 
 
-@needs_reference
 @pytest.mark.parametrize("fixture", ["tiny1", "tiny3_variant_flags"])
 def test_tiny_fixture_output_equals_original(fixture):
     from safetensors.torch import load_file
@@ -233,8 +238,8 @@ def test_pretrained_round_trip(tmp_path, safe, variant):
 
 
 def test_folder_backbone_round_trip_with_text_encoder(tmp_path):
-    tokenizer = pipe.build_tiny_tokenizer()
-    encoder = pipe.build_tiny_text_encoder(len(tokenizer))
+    tokenizer = tiny.show1_tokenizer()
+    encoder = tiny.t5_encoder(len(tokenizer))
     unet = _small_unet(seed=4)
     pipe.save_show1_pretrained(tmp_path, unet, scheduler=pipe.show1_scheduler(), text_encoder=encoder,
                                tokenizer=tokenizer)
@@ -246,7 +251,7 @@ def test_folder_backbone_round_trip_with_text_encoder(tmp_path):
         "squaredcos_cap_v2", "learned_range", "epsilon")
     prompts = ["a bird is flying", ""]
     states = backbone.load_text_encoder()(prompts)
-    torch.testing.assert_close(states, pipe.T5PromptEncoder(tokenizer, encoder)(prompts), atol=0, rtol=0)
+    torch.testing.assert_close(states, show1_text.T5PromptEncoder(tokenizer, encoder)(prompts), atol=0, rtol=0)
     assert states.shape == (2, 77, 32) and states.dtype == torch.float32
 
 
@@ -290,7 +295,6 @@ def test_wrong_shapes_and_missing_weights_raise_vmc_error(tmp_path):
 # Registry
 
 
-@needs_reference
 def test_family_detector_accepts_show1_config():
     assert is_show1_unet_config(_reference_json("show1_base_config.json"))
 
@@ -314,7 +318,9 @@ def test_family_detector_rejects_modelscope_config():
 
 @pytest.mark.slow
 def test_family_detector_rejects_config_written_by_diffusers_unet3d():
-    from diffusers import UNet3DConditionModel  # slow import: pulls in all of diffusers' model code
+    from diffusers import (
+        UNet3DConditionModel,  # slow import: pulls in all of diffusers' model code
+    )
 
     with torch.device("meta"):
         modelscope = UNet3DConditionModel(block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,
@@ -350,9 +356,9 @@ def test_base_arch_backbone_on_meta():
     assert sum(p.numel() for p in backbone.unet.parameters()) == 1_726_848_390
     assert all(p.dtype == torch.bfloat16 for p in backbone.unet.parameters())
     with pytest.warns(UserWarning, match="random"):
-        assert isinstance(backbone.load_text_encoder(), pipe.RandomPromptEncoder)
+        assert isinstance(backbone.load_text_encoder(), show1_text.RandomPromptEncoder)
     with pytest.warns(UserWarning, match="random"):
-        states = pipe.RandomPromptEncoder(4096)(["a bird is flying", "a bird is flying", ""])
+        states = show1_text.RandomPromptEncoder(4096)(["a bird is flying", "a bird is flying", ""])
     assert states.shape == (3, 77, 4096)
     assert torch.equal(states[0], states[1]) and not torch.equal(states[0], states[2])
 
@@ -384,9 +390,9 @@ def test_hub_id_is_served_through_hub_downloads(tmp_path, monkeypatch):
 def test_8bit_text_encoder_falls_back_without_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU fallback")
-    tokenizer = pipe.build_tiny_tokenizer()
-    pipe.save_show1_pretrained(tmp_path, _small_unet(), text_encoder=pipe.build_tiny_text_encoder(len(tokenizer)),
+    tokenizer = tiny.show1_tokenizer()
+    pipe.save_show1_pretrained(tmp_path, _small_unet(), text_encoder=tiny.t5_encoder(len(tokenizer)),
                                tokenizer=tokenizer)
     with pytest.warns(UserWarning, match="8-bit"):
-        encode = pipe.load_show1_text_encoder(str(tmp_path), load_in_8bit=True)
+        encode = show1_text.load_show1_text_encoder(str(tmp_path), load_in_8bit=True)
     assert encode(["a dog is running"]).shape == (1, 77, 32)

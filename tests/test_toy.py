@@ -7,16 +7,17 @@ import itertools
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import vmc_fast.toy.model as toy  # registers "toy" (until the registry imports it itself)
-from vmc_fast.toy import pretrain as pretrain_toy
-from vmc_fast.toy import world as toyworld
+from vmc_fast.cli import app
 from vmc_fast.errors import VmcError
 from vmc_fast.models.registry import LoadOptions, load_backbone
 from vmc_fast.models.show1 import Show1UNet3D
 from vmc_fast.models.show1.loading import show1_scheduler
+from vmc_fast.toy import pretrain as pretrain_toy
+from vmc_fast.toy import world as toyworld
 from vmc_fast.tuning.surgery import temporal_qkv_parameters
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -155,7 +156,8 @@ def test_existing_checkpoint_needs_resume(finished_runs):
     tmp, _, _ = finished_runs
     with pytest.raises(ValueError, match="--resume"):
         pretrain_toy.pretrain(_tiny_config(tmp, "straight", 4), log=_quiet)
-    assert pretrain_toy.main(["--out", str(tmp / "straight"), "--steps", "4"]) == 2
+    result = CliRunner().invoke(app, ["toy-pretrain", "--out", str(tmp / "straight"), "--steps", "4"])
+    assert result.exit_code == 2 and "--resume" in result.output
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,10 +186,10 @@ def test_export_then_load_backbone_round_trip(finished_runs, tmp_path, monkeypat
 def test_missing_weights_raise_with_the_fix(finished_runs, tmp_path, monkeypatch):
     run_dir, _, _ = finished_runs
     monkeypatch.setenv(toy.TOY_DIR_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(VmcError, match="pretrain_toy"):
+    with pytest.raises(VmcError, match="toy-pretrain"):
         load_backbone("toy")
     pretrain_toy.export(run_dir / "straight", tmp_path)
     (tmp_path / toy.UNET_FILE).unlink()
     monkeypatch.setenv(toy.TOY_DIR_ENV, str(tmp_path))
-    with pytest.raises(VmcError, match=r"unet\.safetensors is missing.*pretrain_toy"):
+    with pytest.raises(VmcError, match=r"unet\.safetensors is missing.*toy-pretrain"):
         load_backbone("toy")

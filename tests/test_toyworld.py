@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
+from vmc_fast.io.video import frames_to_uint8
 from vmc_fast.toy import world as tw
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -234,7 +234,7 @@ def test_write_clip(tmp_path, suffix):
         with av.open(str(path)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert len(frames) == 6 and frames[0].shape == (32, 46, 3)  # padded to even for yuv420p
-        expected = tw.frames_to_uint8(clip.frames)[0].float()
+        expected = frames_to_uint8(clip.frames)[0].float()
         assert (torch.from_numpy(frames[0][:31, :45]).float() - expected).abs().mean() < 8
     else:
         from PIL import Image

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from vmc_fast.tuning.adapters import apply_adapter, base_fingerprint, read_adapter
 from vmc_fast.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from vmc_fast.errors import VmcError
 from vmc_fast.models import load_backbone
+from vmc_fast.tuning.adapters import apply_adapter, base_fingerprint, read_adapter
+from vmc_fast.tuning.loop import vmc_loss
 from vmc_fast.tuning.session import TuningSession
 from vmc_fast.tuning.surgery import prepare_for_motion_tuning, temporal_qkv_parameters
-from vmc_fast.tuning.loop import vmc_loss
 
 
 def _cfg(video, tmp_path, model="tiny-random", **train):
@@ -108,10 +108,10 @@ def test_adapter_round_trip_and_refusal_for_another_base(square_video, tmp_path)
 def test_adapter_for_another_architecture_is_refused(tmp_path):
     from diffusers import UNet3DConditionModel
 
+    from vmc_fast.models.tiny import UNET3D_CONFIG
     from vmc_fast.tuning.adapters import save_adapter
-    from vmc_fast.models.diffusers_unet3d import TINY_UNET_CONFIG
 
-    bigger = UNet3DConditionModel(**{**TINY_UNET_CONFIG, "block_out_channels": (64, 64)})
+    bigger = UNet3DConditionModel(**{**UNET3D_CONFIG, "block_out_channels": (64, 64)})
     prepare_for_motion_tuning(bigger)
     tensors = {n: p for n, p in bigger.named_parameters() if p.requires_grad}
     path = save_adapter(tmp_path / "x.safetensors", tensors, base_model="other", fingerprint="f", prompt="p",
@@ -122,8 +122,9 @@ def test_adapter_for_another_architecture_is_refused(tmp_path):
 
 def test_trains_a_show1_repository_folder(square_video, tmp_path):
     """A Show-1 folder in the original layout is detected by the registry and trained end to end."""
-    from vmc_fast.models.show1.loading import build_tiny_random_backbone, save_show1_pretrained
     from vmc_fast.models.registry import LoadOptions
+    from vmc_fast.models.show1.backbones import build_tiny_random_backbone
+    from vmc_fast.models.show1.loading import save_show1_pretrained
 
     tiny = build_tiny_random_backbone(LoadOptions())
     encoder = tiny.load_text_encoder()

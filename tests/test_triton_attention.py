@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TRITON_INTERPRETED
 
 pytest.importorskip("triton", reason="triton is not installed")

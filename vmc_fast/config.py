@@ -1,94 +1,154 @@
-"""One config tree for a tuning run: dataclasses validated when built, printed at start, saved beside outputs.
+"""Every setting of a run, declared once: dataclasses validated when built, printed at the start, saved beside the
+outputs, and turned into command-line options (`vmc_fast.cli`), each option's help being its field's docstring.
 
-User mistakes raise ValueError naming the field; the CLI turns them into one clear line.
+User mistakes raise ValueError naming the option; the CLI turns them into one clear line. A field's option name
+is ``--`` plus its name with dashes, unless `option` gives another (``learning_rate`` is ``--lr``); `option(None)`
+keeps a field off the command line.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import json
 import os
+import re
+import textwrap
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import Any
 
-from vmc_fast.tuning.compile import COMPILE_MODES
-from vmc_fast.tuning.losses import LOSS_KINDS
 from vmc_fast.models.attention import BACKENDS
-from vmc_fast.tuning.precision import FROZEN_DTYPES as PRECISION_FROZEN_DTYPES
-from vmc_fast.tuning.surgery import DEFAULT_TRAINABLE_PATTERN
 
+LOSS_KINDS = ("cos", "l2", "cos-frames-abs", "eps-mse")
+"""Kinds of `vmc_fast.losses.motion_distillation_loss` (docs/design.md section 1)."""
+COMPILE_MODES = ("regional", "full", "off")
+"""``regional``: each down/mid/up block separately; ``full``: the whole forward; ``off``: eager."""
+STORAGE_DTYPES = ("fp32", "bf16", "int8")
+"""How frozen weights can be stored (`vmc_fast.tuning.precision`)."""
+DEFAULT_TRAINABLE_PATTERN = r"temp_attentions\..*\.to_[qkv]\.weight$"
+"""Names of the tuned tensors: the temporal attention Q/K/V projections (`vmc_fast.tuning.surgery`)."""
 RESIZE_MODES = ("crop", "squash")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 STRATEGIES = ("auto", "videos", "zero")
-# The modules that implement each lever own its list of choices; the config only adds "auto" / hides "math".
-FROZEN_DTYPES = ("auto", *PRECISION_FROZEN_DTYPES)
+DEVICES = ("auto", "cpu", "cuda")
+OUTPUT_SUFFIXES = (".gif", ".mp4")
+# The config adds "auto" to the storage choices and hides the "math" attention reference.
+FROZEN_DTYPES = ("auto", *STORAGE_DTYPES)
 ATTENTION_BACKENDS = tuple(b for b in BACKENDS if b != "math")  # "math" is the test reference, not a user choice
 
 
-
-def check_field(condition: bool, field_name: str, message: str) -> None:
+def check_field(condition: bool, option_name: str, message: str) -> None:
     """ValueError naming the option when `condition` fails (the CLI shows it as one line)."""
     if not condition:
-        raise ValueError(f"{field_name}: {message}")
+        raise ValueError(f"{option_name}: {message}")
+
+
+def option(name: str | None) -> dict:
+    """Field metadata: the field's command-line option name (``"--lr"``), or None to keep it off the CLI."""
+    return {"option": name}
+
+
+def default_cache_dir() -> str:
+    """$VMC_FAST_CACHE, else ~/.cache/vmc-fast: prompt embeddings and encoded latents."""
+    return os.environ.get("VMC_FAST_CACHE", str(Path.home() / ".cache" / "vmc-fast"))
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The paper's recipe (Jeong, Park and Ye, 2023, section 5.1 and the public code), the defaults of every
+    command; the toy world's inference defaults are shorter because its clips are tiny."""
+
+    steps: int = 400
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    inference_steps: int = 75
+    guidance_scale: float = 9.0
+    toy_inference_steps: int = 25
+    toy_guidance_scale: float = 4.0
+
+
+RECIPE = Recipe()
+
+
+# ------------------------------------------------------------------------------------------------ training
 
 
 @dataclass
-class DataConfig:
-    """Which frames of which videos, at what size."""
+class FrameOptions:
+    """How frames are taken from a video and sized (shared by `train` and `generate`)."""
 
-    videos: str = ""
-    """A video file (mp4, webm, mov, gif), a folder of frame images, or a folder of those."""
-    num_frames: int | None = None
-    """Frames sampled per video; None = the model's own (8 for Show-1)."""
-    frame_stride: int = 1
-    """Take every k-th frame of the source."""
-    start_frame: int = 0
-    """First source frame to take."""
+    num_frames: int | None = field(default=None, metadata=option("--frames"))
+    """Frames per clip; default: the model's own (8 for Show-1), or the adapter's for generate."""
     height: int | None = None
-    """Training height in pixels; None = the model's own."""
+    """Frame height in pixels; default: the model's own (or the adapter's)."""
     width: int | None = None
-    """Training width in pixels; None = the model's own."""
+    """Frame width in pixels; default: the model's own (or the adapter's)."""
+    frame_stride: int = 1
+    """Take every k-th source frame."""
     resize: str = "crop"
-    """``crop``: keep the aspect by center-cropping; ``squash``: stretch (the paper's code)."""
-    reverse: bool = False
-    """Play the clip backwards (the paper's "walking backward" experiment)."""
+    """crop: keep the aspect by centre-cropping | squash: stretch (what the paper's code did)."""
 
     def __post_init__(self) -> None:
         check_field(self.num_frames is None or 2 <= self.num_frames <= 64, "--frames", "must be between 2 and 64")
-        check_field(self.frame_stride >= 1, "--frame-stride", "must be at least 1")
-        check_field(self.start_frame >= 0, "--start-frame", "must be 0 or more")
         for name in ("height", "width"):
             value = getattr(self, name)
             check_field(value is None or 8 <= value <= 4096, f"--{name}", "must be between 8 and 4096 pixels")
+        check_field(self.frame_stride >= 1, "--frame-stride", "must be at least 1")
         check_field(self.resize in RESIZE_MODES, "--resize", f"must be one of {', '.join(RESIZE_MODES)}")
 
 
 @dataclass
-class ModelConfig:
-    """Which backbone and what to tune in it."""
+class DataConfig(FrameOptions):
+    """Which videos, and which of their frames."""
 
-    model_id: str = "tiny-random"
+    videos: str = ""
+    """Video file (mp4, webm, mov, gif), folder of frame images, or folder of those; default: the built-in
+    example clip."""
+    start_frame: int = 0
+    """First source frame to take."""
+    reverse: bool = False
+    """Play the clip backwards (the paper's "walking backward" experiment)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_field(self.start_frame >= 0, "--start-frame", "must be 0 or more")
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone, what to tune in it, and the memory and speed levers."""
+
+    model_id: str = field(default="tiny-random", metadata=option("--model"))
     """Built-in name, hub id or local folder."""
-    trainable_pattern: str = DEFAULT_TRAINABLE_PATTERN
-    """Regex over parameter names selecting the tuned tensors."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward (less memory, about a third more compute)."""
+    trainable_pattern: str = field(default=DEFAULT_TRAINABLE_PATTERN, metadata=option("--trainable"))
+    """Regex of the tuned parameter names (default: temporal attention Q/K/V)."""
+    gradient_checkpointing: bool = field(default=False, metadata=option("--checkpointing"))
+    """Gradient checkpointing: recompute activations in backward (less memory, about a third more compute)."""
     frozen_dtype: str = "auto"
-    """Storage of frozen weights: ``auto`` (bf16 on GPU, fp32 on CPU), fp32, bf16, or int8 (8-bit linears via
-    bitsandbytes, fp8 convolutions upcast per layer). Trainable Q/K/V always stay fp32."""
+    """Frozen weights: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | int8 (bitsandbytes 8-bit linears, 8-bit
+    convolutions). Tuned Q/K/V always stay fp32."""
     attention: str = "sdpa"
-    """Temporal attention backend: sdpa, xformers (CUDA, optional) or triton (kernels/)."""
+    """Temporal attention kernel: sdpa | xformers (CUDA) | triton."""
     compile: str = "off"
-    """torch.compile of the UNet: off, regional (repeated blocks) or full."""
+    """torch.compile: off | regional (each block, once per process) | full."""
 
     def __post_init__(self) -> None:
         check_field(bool(self.model_id.strip()), "--model", "must not be empty")
-        check_field(self.frozen_dtype in FROZEN_DTYPES, "--frozen-dtype", f"must be one of {', '.join(FROZEN_DTYPES)}")
-        check_field(self.attention in ATTENTION_BACKENDS, "--attention", f"must be one of {', '.join(ATTENTION_BACKENDS)}")
+        check_field(self.frozen_dtype in FROZEN_DTYPES, "--frozen-dtype",
+                    f"must be one of {', '.join(FROZEN_DTYPES)}")
+        check_field(self.attention in ATTENTION_BACKENDS, "--attention",
+                    f"must be one of {', '.join(ATTENTION_BACKENDS)}")
         check_field(self.compile in COMPILE_MODES, "--compile", f"must be one of {', '.join(COMPILE_MODES)}")
-        import re
-
         try:
             re.compile(self.trainable_pattern)
         except re.error as exc:
@@ -97,34 +157,33 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation recipe; defaults are the paper's."""
+    """The optimisation recipe; defaults are the paper's (RECIPE)."""
 
-    steps: int = 400
-    """Optimizer steps per video."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate (constant)."""
-    weight_decay: float = 0.01
+    steps: int = RECIPE.steps
+    """Optimizer steps per video (paper: 400)."""
+    learning_rate: float = field(default=RECIPE.learning_rate, metadata=option("--lr"))
+    """AdamW learning rate, constant (paper: 1e-4)."""
+    weight_decay: float = RECIPE.weight_decay
     """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = field(default=RECIPE.betas, metadata=option(None))
     """AdamW betas."""
-    adam_eps: float = 1e-8
+    adam_eps: float = field(default=RECIPE.adam_eps, metadata=option(None))
     """AdamW epsilon."""
     optimizer: str = "adamw"
-    """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes)."""
-    grad_clip: float = 1.0
-    """Max global gradient norm; 0 disables clipping."""
+    """adamw | adamw8bit (bitsandbytes: 8-bit moments)."""
+    grad_clip: float = RECIPE.grad_clip
+    """Largest global gradient norm; 0 disables clipping."""
     loss: str = "cos"
-    """Loss kind: cos, l2, cos-frames-abs or eps-mse."""
+    """cos | l2 | cos-frames-abs | eps-mse."""
     loss_stride: int = 1
-    """Frame offset c of the noise residuals."""
+    """Frame offset of the noise residuals."""
     snr_weight: bool = False
     """Weight the l2 loss by (1 - abar_t) / abar_t."""
     seed: int = 0
-    """Seeds noise, timesteps and everything random in a run."""
+    """Random seed of noise, timesteps and everything random in a run."""
     precision: str = "auto"
-    """Compute precision: ``auto`` = bf16 autocast on GPU, fp32 on CPU; ``fp16`` autocast is what the paper's
-    code used (kept for comparison; bf16 needs no loss scaling)."""
-    timestep_range: tuple[int, int] | None = None
+    """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (the paper's code; kept for comparison)."""
+    timestep_range: tuple[int, int] | None = field(default=None, metadata=option(None))
     """Sample t uniformly in [lo, hi); None = [0, T)."""
 
     def __post_init__(self) -> None:
@@ -146,15 +205,15 @@ class TrainConfig:
 class ParallelConfig:
     """How ranks share the work."""
 
-    num_ranks: int = 1
-    """Processes (one per GPU; CPU ranks with gloo when there is no CUDA)."""
+    num_ranks: int = field(default=1, metadata=option("--gpus"))
+    """Ranks: one per GPU (CPU ranks over gloo when there is no CUDA)."""
     strategy: str = "auto"
-    """``videos``: each rank tunes its own videos; ``zero``: all ranks tune one video with DeepSpeed ZeRO;
-    ``auto``: videos when there are at least as many videos as ranks, else zero."""
+    """videos: each rank tunes its own videos | zero: all ranks tune one video with DeepSpeed ZeRO | auto:
+    videos when there are at least as many videos as ranks."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage for the ``zero`` strategy (0-3)."""
+    """DeepSpeed ZeRO stage for --strategy zero (0-3)."""
     deepspeed_config: str | None = None
-    """A DeepSpeed JSON config to start from (ds_configs/ has examples)."""
+    """DeepSpeed JSON config to start from (see ds_configs/); our recipe's fields override it."""
 
     def __post_init__(self) -> None:
         check_field(1 <= self.num_ranks <= 1024, "--gpus", "must be between 1 and 1024")
@@ -162,7 +221,7 @@ class ParallelConfig:
         check_field(self.zero_stage in (0, 1, 2, 3), "--zero-stage", "must be 0, 1, 2 or 3")
         if self.deepspeed_config is not None:
             check_field(Path(self.deepspeed_config).is_file(), "--deepspeed-config",
-                   f"{self.deepspeed_config} is not a file")
+                        f"{self.deepspeed_config} is not a file")
 
 
 @dataclass
@@ -174,14 +233,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     prompt: str | None = None
-    """The prompt for every video without its own (sidecar NAME.txt or prompts.yaml/json)."""
+    """Prompt for every video without its own NAME.txt / prompts.yaml entry."""
     derive_prompt: bool = False
-    """Turn each prompt into an appearance-invariant one by dropping place phrases."""
-    out_dir: str = "vmc-out"
-    """Where adapters, manifest.jsonl and config.json go."""
-    cache_dir: str = field(default_factory=lambda: os.environ.get(
-        "VMC_FAST_CACHE", str(Path.home() / ".cache" / "vmc-fast")))
-    """Prompt-embedding and latent cache."""
+    """Make prompts appearance-invariant by dropping place phrases ('a bird flying above a lake' -> 'a bird
+    flying')."""
+    out_dir: str = field(default="vmc-out", metadata=option("--out"))
+    """Output folder: adapters/, manifest.jsonl, config.json."""
+    cache_dir: str = field(default_factory=default_cache_dir)
+    """Prompt-embedding and latent cache (default: $VMC_FAST_CACHE or ~/.cache/vmc-fast)."""
 
     def __post_init__(self) -> None:
         check_field(bool(self.out_dir.strip()), "--out", "must not be empty")
@@ -195,11 +254,161 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "parallel": ParallelConfig}
-        kwargs = {k: (sections[k](**_tuples(v)) if k in sections else v) for k, v in data.items()}
-        return cls(**kwargs)
+        return from_dict(cls, data)
 
 
-def _tuples(section: dict) -> dict:
-    # JSON turns tuples into lists; the dataclasses declare tuples.
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+# ------------------------------------------------------------------------------------------------ generating
+
+
+@dataclass
+class GenerateConfig(FrameOptions):
+    """One `vmc-fast generate` run; defaults are the paper's (RECIPE)."""
+
+    prompt: str = ""
+    """Target prompt, e.g. 'an airplane is flying in the sky'."""
+    adapter: str | None = None
+    """Motion adapter from `vmc-fast train` (none: the untuned model)."""
+    video: str | None = None
+    """Clip to DDIM-invert into the starting noise (the paper inverts the training clip); none: pure noise."""
+    model_id: str | None = field(default=None, metadata=option("--model"))
+    """Base model; default: the adapter's base, else tiny-random."""
+    output: str | None = field(default="vmc-out/generated.gif", metadata=option("--out"))
+    """Output video (.gif or .mp4), written atomically with a JSON sidecar; None writes nothing."""
+    num_inference_steps: int = field(default=RECIPE.inference_steps, metadata=option("--steps"))
+    """DDIM sampling steps (paper: 75)."""
+    inversion_steps: int = RECIPE.inference_steps
+    """DDIM inversion steps (paper: 75; the same as --steps so x_T lands where sampling starts)."""
+    guidance_scale: float = RECIPE.guidance_scale
+    """Classifier-free guidance w: eps = eps_uncond + w (eps_cond - eps_uncond) (paper: 9.0)."""
+    negative_prompt: str = ""
+    """Unconditional prompt of classifier-free guidance."""
+    inversion_prompt: str = ""
+    """Prompt used while inverting the input clip (the paper uses the empty prompt)."""
+    seed: int = 0
+    """Seed of the starting noise without --video."""
+    fps: int = 8
+    """Frames per second of the written video."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."""
+    device: str = "auto"
+    """auto (CUDA when available) | cpu | cuda."""
+    cache_dir: str = field(default_factory=default_cache_dir)
+    """Prompt-embedding cache, shared with training."""
+    keyframes_only: bool = False
+    """Show-1: stop after the keyframes (skip interpolation and super-resolution)."""
+    cascade_steps: int | None = None
+    """Show-1: steps of every cascade stage (default: the public script's 75 / 70 / 125 / 50)."""
+    stages: dict[str, str] = field(default_factory=dict, metadata=option("--stage"))
+    """Show-1: NAME=ID loads a cascade stage from a hub id or folder (interpolation, sr1_first_frame, sr1, sr2);
+    sr1_first_frame=none skips IF-II. Repeatable."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_field(self.model_id is None or bool(self.model_id.strip()), "--model", "must not be empty")
+        check_field(1 <= self.num_inference_steps <= 1000, "--steps", "must be between 1 and 1000")
+        check_field(1 <= self.inversion_steps <= 1000, "--inversion-steps", "must be between 1 and 1000")
+        check_field(0.0 <= self.guidance_scale <= 100.0, "--guidance-scale", "must be between 0 and 100")
+        check_field(self.seed >= 0, "--seed", "must be 0 or more")
+        check_field(1 <= self.fps <= 120, "--fps", "must be between 1 and 120")
+        check_field(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}")
+        check_field(self.device in DEVICES, "--device", f"must be one of {', '.join(DEVICES)}")
+        check_field(self.cascade_steps is None or 1 <= self.cascade_steps <= 1000, "--cascade-steps",
+                    "must be between 1 and 1000")
+        from vmc_fast.models.show1.stages import check_stage_sources
+
+        check_stage_sources(self.stages)
+        if self.output is not None:
+            check_field(Path(self.output).suffix.lower() in OUTPUT_SUFFIXES, "--out",
+                        f"{self.output!r} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        if self.adapter is not None:
+            check_field(Path(self.adapter).expanduser().is_file(), "--adapter", f"no such file: {self.adapter}")
+        if self.video is not None:
+            check_field(Path(self.video).expanduser().exists(), "--video", f"{self.video} does not exist")
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line option of a config dataclass (nested sections flattened)."""
+
+    path: tuple[str, ...]
+    """Field names from the root dataclass down to the leaf."""
+    flag: str
+    """``--name``."""
+    annotation: Any
+    """The leaf field's type."""
+    default: Any
+    """The leaf field's default value."""
+    help: str
+    """The leaf field's docstring."""
+
+
+def options(cls: type, prefix: tuple[str, ...] = ()) -> list[Option]:
+    """The command-line options of dataclass `cls`, nested dataclass sections flattened, in declaration order."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    own = cls.__dict__.get("__annotations__", {})
+    result = []
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):  # a section's own fields first
+        if dataclasses.is_dataclass(hints[f.name]):
+            result.extend(options(hints[f.name], prefix + (f.name,)))
+            continue
+        flag = f.metadata.get("option", "--" + f.name.replace("_", "-"))
+        if flag is None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        result.append(Option(prefix + (f.name,), flag, hints[f.name], default, docs.get(f.name, "")))
+    return result
+
+
+def from_options(cls: type, values: dict[tuple[str, ...], Any]) -> Any:
+    """Build dataclass `cls` from {option path: value}, nested sections included (validation runs as usual)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            sub = {path[1:]: v for path, v in values.items() if path[0] == f.name}
+            kwargs[f.name] = from_options(hints[f.name], sub)
+        elif (f.name,) in values:
+            kwargs[f.name] = values[(f.name,)]
+    return cls(**kwargs)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild dataclass `cls` from its `dataclasses.asdict` (JSON turns tuples into lists)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints.get(name)):
+            kwargs[name] = from_dict(hints[name], value)
+        else:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its docstring} for dataclass `cls` and its bases: the string literal under each field."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                    isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant) and \
+                    isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from vmc_fast.config import RunConfig
@@ -141,3 +148,78 @@ def eval_table(summary: dict) -> Table:
     for name, entry in summary.items():
         table.add_row(name, *(_score(entry[k]) for k in keys), str(entry["samples"]))
     return table
+
+
+# --------------------------------------------------------------------------------------------- progress
+
+
+class PhaseProgress:
+    """A rich bar per phase (invert, sample) fed by generate's on_step(phase, step, total)."""
+
+    def __init__(self, console: Console):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24),
+                                 MofNCompleteColumn(), TextColumn("ETA"), TimeRemainingColumn(compact=True),
+                                 console=console)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.start()
+        return self.on_step
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def on_step(self, phase: str, step: int, total: int) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(phase, total=total)
+        self.progress.update(self.tasks[phase], completed=step)
+
+
+PLAIN_PROGRESS_EVERY_S = 60.0
+"""Without a terminal (a log file, CI), long commands print a progress line at most this often."""
+
+
+def units_progress(console: Console, description: str):
+    """A rich bar over UNet calls (tuning and denoising steps) with ETA; returns (progress, callback).
+
+    Rich draws nothing live without a terminal, so there the callback also prints a plain line now and then.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                        TextColumn("UNet calls  ETA"), TimeRemainingColumn(compact=True), console=console)
+    task = progress.add_task(description, total=None)
+    start = last = time.monotonic()
+
+    def on_progress(label: str, done: int, total: int) -> None:
+        nonlocal last
+        progress.update(task, description=label, completed=done, total=total)
+        now = time.monotonic()
+        if not console.is_terminal and (now - last >= PLAIN_PROGRESS_EVERY_S or done == total) and done:
+            last = now
+            eta = (now - start) / done * (total - done)
+            console.print(f"{label}: {done}/{total} UNet calls, {now - start:.0f} s elapsed, ETA {eta / 60:.1f} min",
+                          soft_wrap=True)  # one line per report in a log, whatever width rich guesses
+
+    return progress, on_progress
+
+
+def rank_reporter(rank: int):
+    """The reporter of one launched rank: rank 0 draws, the others stay quiet."""
+    from vmc_fast.runs.library import QuietReporter
+
+    return RichReporter(Console()) if rank == 0 else QuietReporter()

@@ -14,8 +14,6 @@ Exit status: 0 when every required wheel is present and the total fits, 1 otherw
 from __future__ import annotations
 
 import argparse
-import hashlib
-import base64
 import os
 import re
 import shutil

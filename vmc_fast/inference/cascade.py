@@ -1,6 +1,6 @@
 """Show-1's frozen cascade after the (tuned) keyframe model: interpolation, then two super-resolution stages.
 
-VMC tunes only the keyframe UNet; these stages are used as published (DESIGN.md section 1, "Inference"):
+VMC tunes only the keyframe UNet; these stages are used as published (docs/design.md section 1, "Inference"):
 
 1. **interpolation** (``showlab/show-1-interpolation``, a Show-1 UNet with 7 input channels): between each pair of
    keyframes, a window of 5 frames is sampled whose conditioning is the trilinear blend of the two keyframes plus
@@ -22,20 +22,12 @@ import contextlib
 import gc
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-STAGES = ("interpolation", "sr1_first_frame", "sr1", "sr2")
-SHOW1_STAGE_IDS = {
-    "interpolation": "showlab/show-1-interpolation",
-    "sr1_first_frame": "DeepFloyd/IF-II-L-v1.0",
-    "sr1": "showlab/show-1-sr1",
-    "sr2": "showlab/show-1-sr2",
-}
-"""Where the public Show-1 stages live; `--stage NAME=ID` points one elsewhere (e.g. a downloaded folder)."""
+from vmc_fast.models.show1.stages import PixelStage, Show1Cascade
 
 StepCallback = Callable[[str, int, int], None]
 
@@ -85,51 +77,6 @@ class CascadeSettings:
         if steps is None:
             return self
         return replace(self, interp_steps=steps, first_frame_steps=steps, sr1_steps=steps, sr2_steps=steps)
-
-
-NO_STAGE = "none"
-"""`--stage sr1_first_frame=none` skips IF-II: the first sr1 window then has no given first frame."""
-
-
-@dataclass
-class Show1Cascade:
-    """Where each frozen stage of a Show-1 model comes from; `load(name)` builds one on demand."""
-
-    sources: dict[str, str]
-    """Stage name (see STAGES) -> hub id, local folder, or a built-in marker; NO_STAGE skips sr1_first_frame."""
-    build: Callable[[str, str], Any]
-    """build(stage name, source) -> the stage (a PixelStage or a diffusers pipeline)."""
-    sr2_size: tuple[int, int] = (320, 576)
-    """(height, width) of the final video."""
-
-    def load(self, name: str) -> Any:
-        return self.build(name, self.sources[name])
-
-    def has(self, name: str) -> bool:
-        return self.sources.get(name, NO_STAGE) != NO_STAGE
-
-    def with_sources(self, overrides: dict[str, str]) -> "Show1Cascade":
-        """The same cascade with some stages taken from elsewhere (`--stage NAME=ID`)."""
-        check_stage_sources(overrides)
-        return replace(self, sources={**self.sources, **overrides})
-
-
-def check_stage_sources(sources: dict[str, str]) -> None:
-    """ValueError naming `--stage` for an unknown stage, or for skipping a stage that cannot be skipped."""
-    for name, source in sources.items():
-        if name not in STAGES:
-            raise ValueError(f"--stage: unknown stage {name!r}; stages are {', '.join(STAGES)}")
-        if source == NO_STAGE and name != "sr1_first_frame":
-            raise ValueError(f"--stage: only sr1_first_frame can be skipped with 'none', not {name}")
-
-
-@dataclass
-class PixelStage:
-    """A Show-1 pixel-space stage: its UNet and its DDPM scheduler (and the noising scheduler of sr1)."""
-
-    unet: nn.Module
-    scheduler: Any
-    image_noising_scheduler: Any = None
 
 
 # ---------------------------------------------------------------------------------------------- the whole run
@@ -333,7 +280,6 @@ def refine_sr2(pipe, video: torch.Tensor, prompt: str, size: tuple[int, int], se
     """
     from PIL import Image
 
-    param = next(pipe.unet.parameters())
     pixels = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu()
     frames = [Image.fromarray(f.numpy()).resize((size[1], size[0]), Image.BICUBIC) for f in pixels]
     # diffusers runs int(steps * strength) of the steps: at least one

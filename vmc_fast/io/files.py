@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -38,4 +40,13 @@ def atomic_path(path: str | Path) -> Iterator[str]:
 def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+    return Path(path)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """safetensors save that either fully succeeds or leaves no file at `path`."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return Path(path)

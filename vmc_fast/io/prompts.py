@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from vmc_fast.errors import VmcError
+from vmc_fast.io.files import atomic_save_file
 
 # Phrases of place or scenery start with one of these prepositions and a determiner or adjective-noun; motion
 # phrases ("in a circle", "to the left") are kept because their nouns describe the path, not the scene.
@@ -115,7 +116,7 @@ def cached_prompt_embeddings(prompts: list[str], model_key: str, cache_dir: str 
         del encoder
         folder.mkdir(parents=True, exist_ok=True)
         for prompt, state in zip(missing, states):
-            _atomic_save({"states": state.contiguous()}, paths[prompt], {"prompt": prompt, "model": model_key})
+            atomic_save_file({"states": state.contiguous()}, paths[prompt], {"prompt": prompt, "model": model_key})
     return {p: load_file(paths[p])["states"] for p in prompts}
 
 
@@ -128,9 +129,3 @@ def embedding_model_key(model_id: str, family: str) -> str:
 
 def _cache_key(model_key: str, prompt: str) -> str:
     return hashlib.sha256(f"{model_key}\0{prompt}".encode()).hexdigest()[:32]
-
-
-def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    from vmc_fast.tuning.adapters import atomic_save_file
-
-    atomic_save_file(tensors, path, metadata)

@@ -11,34 +11,8 @@ from pathlib import Path
 import torch
 
 from vmc_fast.errors import VmcError
+from vmc_fast.models import tiny
 from vmc_fast.models.registry import Backbone, LoadOptions, register, register_family
-
-TINY_UNET_CONFIG = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    norm_num_groups=32,  # the temporal conv layers hard-code 32 groups, so channels are multiples of 32
-    cross_attention_dim=32,
-    attention_head_dim=8,
-)
-TINY_VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(16, 32),
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=32,
-)
-TINY_TEXT_CONFIG = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-)
-TINY_SEED = 20231201
 
 
 def is_diffusers_unet3d(unet_config: dict) -> bool:
@@ -108,9 +82,9 @@ def build_tiny_random(options: LoadOptions) -> Backbone:
     """A seeded tiny ModelScope-style latent model: 8 frames at 32x32 pixels -> 16x16 latents. No downloads."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet3DConditionModel
 
-    torch.manual_seed(TINY_SEED)
-    unet = UNet3DConditionModel(**TINY_UNET_CONFIG)
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    torch.manual_seed(tiny.DIFFUSERS_SEED)
+    unet = UNet3DConditionModel(**tiny.UNET3D_CONFIG)
+    vae = AutoencoderKL(**tiny.VAE_CONFIG)
     return Backbone(
         model_id="tiny-random",
         family="diffusers-unet3d",
@@ -119,7 +93,7 @@ def build_tiny_random(options: LoadOptions) -> Backbone:
         vae_scaling_factor=float(vae.config.scaling_factor),
         noise_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                       beta_start=0.00085, beta_end=0.012, clip_sample=False),
-        load_text_encoder=_tiny_clip_encoder,
+        load_text_encoder=tiny_clip_prompt_encoder,
         num_frames=8,
         height=32,
         width=32,
@@ -134,24 +108,10 @@ def place(module: torch.nn.Module, options: LoadOptions) -> torch.nn.Module:
     return torch.nn.Module.to(module, options.device, options.dtype).eval()
 
 
-def _tiny_clip_encoder() -> ClipPromptEncoder:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(TINY_SEED + 1)
-    tokenizer = tiny_clip_tokenizer()
-    config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                            **TINY_TEXT_CONFIG)
-    return ClipPromptEncoder(tokenizer, CLIPTextModel(config))
-
-
-def tiny_clip_tokenizer():
-    """A CLIP byte-level BPE tokenizer with no merges (one token per byte), built in memory."""
-    from transformers import CLIPTokenizer
-
-    symbols = [chr(b) if 33 <= b <= 126 else chr(256 + b) for b in range(256)]
-    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[])
+def tiny_clip_prompt_encoder() -> ClipPromptEncoder:
+    """The tiny-random CLIP prompt encoder (byte-level tokenizer, 2-layer text model), seeded."""
+    tokenizer = tiny.clip_tokenizer()
+    return ClipPromptEncoder(tokenizer, tiny.clip_text_encoder(tokenizer))
 
 
 def save_tiny_pretrained(folder: str | Path) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -54,7 +54,7 @@ class Backbone:
     vae_scaling_factor: float = 1.0
     """Latents are multiplied by this after encoding (diffusers convention)."""
     cascade: Any = None
-    """Frozen stages `generate` runs after the keyframes (a `vmc_fast.inference.cascade.Show1Cascade`); None: single-stage."""
+    """Frozen stages `generate` runs after the keyframes (a `vmc_fast.models.show1.stages.Show1Cascade`); None: single-stage."""
     benchmark_only: bool = False
     """True for random-weight builds of a real architecture: fine for speed/memory, meaningless outputs."""
 
@@ -174,7 +174,7 @@ def _looks_like_hub_id(model_id: str) -> bool:
     return len(parts) == 2 and all(parts) and not model_id.startswith((".", "/", "~"))
 
 
-BACKBONE_MODULES = ("vmc_fast.models.diffusers_unet3d", "vmc_fast.models.show1.loading", "vmc_fast.toy.model")
+BACKBONE_MODULES = ("vmc_fast.models.diffusers_unet3d", "vmc_fast.models.show1.backbones", "vmc_fast.toy.model")
 """Modules that register backbones when imported. Named, not imported here: they import this module (and
 diffusers), and the toy model belongs to the harness, which the product never imports."""
 

@@ -1,8 +1,9 @@
-"""Tuning a motion library: plan the videos, tune each, record every outcome in DIR/manifest.jsonl.
+"""A motion library: plan the videos, tune each, record every outcome in DIR/manifest.jsonl.
 
 Resumable (videos already `done` with their adapter on disk are skipped), a bad video is recorded as `failed`
 and never stops the rest, and nothing finished is lost: adapters are written atomically and the manifest is
-rewritten atomically under a file lock, so several ranks can share one output folder.
+rewritten atomically under a file lock, so several ranks can share one output folder. Nothing here knows about
+ranks: `vmc_fast.runs.launch` decides which jobs a process runs and hands in the reporter.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from vmc_fast.config import RunConfig
-from vmc_fast.io.video import find_videos
 from vmc_fast.errors import VmcError
 from vmc_fast.io.files import write_text_atomic
 from vmc_fast.io.prompts import appearance_invariant, resolve_prompts
+from vmc_fast.io.video import find_videos
 from vmc_fast.tuning.loop import StepStats
 
 MANIFEST = "manifest.jsonl"
@@ -203,43 +204,13 @@ def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: 
     )
 
 
-def train_videos(cfg: RunConfig, reporter: Reporter | None = None, *, device: str = "cpu", rank: int = 0,
-                 world_size: int = 1, shard: bool = True, make_optimizer_step=None) -> RunSummary:
-    """Tune every pending video of `cfg` (this rank's share when `shard`) and return the run's manifest entries.
-
-    Steps: plan (fails fast on unusable input) → prepare the output folder → skip what is done → prepare one
-    session → tune each video.
-    """
-    from vmc_fast.tuning.session import TuningSession
-
-    reporter = reporter or QuietReporter()
-    jobs = plan_jobs(cfg)
-    out = prepare_out_dir(cfg)
-    manifest = Manifest(out)
-    todo = pending_jobs(jobs, manifest)
-    if rank == 0:
-        mark_pending(todo, manifest)
-    if world_size > 1:
-        # Every rank must split the same list: none may start (and finish a video) before all have read it.
-        import torch.distributed as dist
-
-        dist.barrier()
-    mine = todo[rank::world_size] if shard else todo
-    reporter.run_started(cfg, mine, len(jobs) - len(todo))
-    if mine:
-        writer = shard or rank == 0  # under ZeRO every rank tunes the same video; rank 0 writes
-        session = TuningSession(cfg, device=device, make_optimizer_step=make_optimizer_step, write_adapters=writer)
-        run_jobs(session, mine, manifest if writer else _NoManifest(manifest), reporter)
-    return summarize(out, jobs)
-
-
 def summarize(out: Path, jobs: list[Job]) -> RunSummary:
     entries = Manifest(out).read()
     return RunSummary(out_dir=out, entries=[entries.get(str(j.video), {"video": str(j.video), "status": "pending"})
                                             for j in jobs])
 
 
-class _NoManifest:
+class ReadOnlyManifest:
     """For ranks that tune alongside rank 0 (ZeRO): they read but never write the manifest."""
 
     def __init__(self, manifest: Manifest):

@@ -9,19 +9,17 @@ JSON line (config, git sha, library versions, device) to benchmarks/results/.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import multiprocessing
-import os
-import platform
 import resource
-import subprocess
 import time
-from dataclasses import dataclass
-from importlib import metadata
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from vmc_fast.config import check_field, option
+from vmc_fast.runtime import cpu_name, git_sha, resolve_device, utc_now, versions
 
 PAPER_MEMORY_BYTES = 15e9
 """The paper's training vRAM (one RTX 6000), bytes."""
@@ -109,7 +107,7 @@ def unavailable_reason(preset: Preset, device: str) -> str | None:
 
 
 def default_presets(device: str | None = None) -> tuple[str, ...]:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or resolve_device().type
     return DEFAULT_PRESETS_GPU if device == "cuda" else DEFAULT_PRESETS_CPU
 
 
@@ -133,10 +131,52 @@ class BenchOptions:
 
 
 def default_options(device: str | None = None) -> BenchOptions:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or resolve_device().type
     if device == "cuda":
         return BenchOptions("show1-base-arch", steps=PAPER_STEPS, warmup=5, device=device)
     return BenchOptions("show1-tiny-random", steps=10, warmup=2, device=device)
+
+
+@dataclass
+class BenchConfig:
+    """One `vmc-fast bench` invocation."""
+
+    presets: tuple[str, ...] | None = None
+    """Comma-separated presets; default: paper, fast, fast-eager, fast+int8, paper+bf16, paper-t5-freed on GPU and
+    the eager ones on CPU. `-X` removes or swaps one lever of its parent, `+X` adds one; an unknown name lists
+    them all."""
+    model_id: str | None = field(default=None, metadata=option("--model"))
+    """Backbone (default: show1-base-arch on GPU, show1-tiny-random on CPU)."""
+    steps: int | None = None
+    """Timed steps (default: 400 on GPU, 10 on CPU)."""
+    warmup: int | None = None
+    """Untimed warm-up steps (they include compilation)."""
+    preset_timeout: float | None = None
+    """Seconds one preset may take, its process start, model build and compilation included; a slower one is
+    reported as timed out and the next one runs."""
+    results: str = "benchmarks/results"
+    """Folder for the JSON-lines records."""
+    profile: str | None = None
+    """After timing, profile 3 steps of each preset with torch.profiler and write FOLDER/profile-<preset>.txt."""
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.presets or () if n not in PRESETS]
+        check_field(not unknown, "--presets", f"unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+        check_field(self.steps is None or self.steps >= 1, "--steps", "must be at least 1")
+        check_field(self.warmup is None or self.warmup >= 0, "--warmup", "must be 0 or more")
+        check_field(self.preset_timeout is None or self.preset_timeout > 0, "--preset-timeout",
+                    "must be a positive number of seconds")
+
+    def preset_names(self) -> list[str]:
+        return list(self.presets or default_presets())
+
+    def bench_options(self) -> "BenchOptions":
+        """What each preset runs: this machine's defaults with this config's choices on top."""
+        options = default_options()
+        return dataclasses.replace(
+            options, model_id=self.model_id or options.model_id,
+            steps=self.steps if self.steps is not None else options.steps,
+            warmup=self.warmup if self.warmup is not None else options.warmup, profile_dir=self.profile)
 
 
 @dataclass
@@ -201,8 +241,9 @@ def _run_isolated(preset: Preset, options: BenchOptions, timeout_s: float | None
 def run_one(preset: Preset, options: BenchOptions) -> dict:
     """Train `options.steps` steps with `preset` in this process and measure it."""
     from vmc_fast.config import ModelConfig, RunConfig, TrainConfig
+    from vmc_fast.tuning.loop import vmc_loss
     from vmc_fast.tuning.session import TuningSession
-    from vmc_fast.tuning.loop import TorchStep, vmc_loss
+    from vmc_fast.tuning.steps import TorchStep
 
     device = torch.device(options.device)
     precision = preset.precision
@@ -405,39 +446,8 @@ def append_record(record: dict, results_dir: Path) -> Path:
 def _provenance(options: BenchOptions) -> dict:
     device = torch.device(options.device)
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
-        "versions": {name: _version(name) for name in ("vmc-fast", "torch", "diffusers", "transformers",
-                                                         "deepspeed", "bitsandbytes", "triton", "xformers")},
+        "date": utc_now(), "git_sha": git_sha(), "versions": versions(),
         "device": {"type": device.type,
-                   "name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+                   "name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
                    "cpu_threads": torch.get_num_threads()},
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git_sha() -> str | None:
-    """HEAD of the checkout; VMC_FAST_GIT_SHA when set (the GPU machine receives files without .git)."""
-    if os.environ.get("VMC_FAST_GIT_SHA"):
-        return os.environ["VMC_FAST_GIT_SHA"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None

@@ -10,38 +10,51 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from vmc_fast.toy import world as toyworld
-from vmc_fast.config import check_field
-from vmc_fast.studies.evaluation import VARIANTS, EvalConfig, ProgressCallback, tune_and_generate, unet_calls
-from vmc_fast.toy.examples import held_out_example
+from vmc_fast.config import RECIPE, check_field, option
 from vmc_fast.io.files import write_text_atomic
-from vmc_fast.inference.generate import write_video_atomic
+from vmc_fast.io.video import write_video_atomic
+from vmc_fast.studies.evaluation import (
+    VARIANTS,
+    EvalConfig,
+    ProgressCallback,
+    tune_and_generate,
+    unet_calls,
+)
+from vmc_fast.toy import world
+from vmc_fast.toy.examples import held_out_example
 
 
 @dataclass
 class DemoConfig:
-    """One demo run; defaults are the paper's tuning recipe on the toy model."""
+    """One `vmc-fast demo` run; tuning defaults are the paper's (RECIPE), inference the toy world's."""
 
-    out_dir: str = "runs/demo"
+    out_dir: str = field(default="runs/demo", metadata=option("--out"))
+    """Output folder: adapters/, demo.gif, demo.json."""
     motion: str = "zigzag"
-    """A held-out motion with a shipped example clip."""
+    """Held-out motion of the shipped example: zigzag | figure-eight | spiral."""
     samples: int = 3
     """New appearances to render."""
-    steps: int = 400
-    learning_rate: float = 1e-4
+    steps: int = RECIPE.steps
+    """Tuning steps (paper: 400)."""
+    learning_rate: float = field(default=RECIPE.learning_rate, metadata=option("--lr"))
+    """Tuning learning rate (paper: 1e-4)."""
     seed: int = 0
-    inference_steps: int = 25
-    guidance_scale: float = 4.0
+    """Seed of tuning and of the new appearances."""
+    inference_steps: int = RECIPE.toy_inference_steps
+    """DDIM inversion and sampling steps (paper: 75)."""
+    guidance_scale: float = RECIPE.toy_guidance_scale
+    """Classifier-free guidance."""
     device: str = "cpu"
+    """cpu | cuda."""
 
     def __post_init__(self) -> None:
-        check_field(self.motion in toyworld.HELD_OUT_MOTIONS, "--motion",
-                    f"{self.motion!r} has no shipped example; choose one of {', '.join(toyworld.HELD_OUT_MOTIONS)}")
+        check_field(self.motion in world.HELD_OUT_MOTIONS, "--motion",
+                    f"{self.motion!r} has no shipped example; choose one of {', '.join(world.HELD_OUT_MOTIONS)}")
         self.eval_config()  # the remaining checks are evaluation's
 
     def eval_config(self) -> EvalConfig:

@@ -22,21 +22,30 @@ import dataclasses
 import json
 import math
 import random
-import subprocess
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from vmc_fast.studies import metrics
-
-from vmc_fast.toy import world as toyworld
-from vmc_fast.config import DataConfig, ModelConfig, RunConfig, TrainConfig, check_field
-from vmc_fast.toy.examples import held_out_example
+from vmc_fast.config import (
+    RECIPE,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    check_field,
+    default_cache_dir,
+    option,
+)
+from vmc_fast.inference.ddim import invert_clip, sample_frames
 from vmc_fast.io.files import atomic_path, write_text_atomic
+from vmc_fast.io.video import frames_to_uint8
+from vmc_fast.runtime import git_sha, machine_description, utc_now
+from vmc_fast.studies import metrics
+from vmc_fast.toy import world
+from vmc_fast.toy.examples import held_out_example
 from vmc_fast.tuning.surgery import DEFAULT_TRAINABLE_PATTERN
 
 SPATIAL_PATTERN = r"(^|\.)attentions\.\d+\.(transformer_blocks\.\d+\.attn\d\.)?to_[qkv]\.weight$"
@@ -77,39 +86,41 @@ ProgressCallback = Callable[[str, int, int], None]
 
 @dataclass
 class EvalConfig:
-    """One evaluation run."""
+    """One `vmc-fast eval` run; tuning defaults are the paper's (RECIPE), inference the toy world's."""
 
-    model_id: str = "toy"
-    """The base model; its world must be the toy world (the references are toy clips)."""
-    motions: tuple[str, ...] = toyworld.HELD_OUT_MOTIONS
-    """Held-out motions to evaluate (each has a shipped example clip)."""
+    model_id: str = field(default="toy", metadata=option("--model"))
+    """Base model; it must know the toy world (the references are toy clips)."""
+    motions: tuple[str, ...] = world.HELD_OUT_MOTIONS
+    """Comma-separated held-out motions, each with a shipped example clip (default: zigzag, figure-eight,
+    spiral)."""
     variants: tuple[str, ...] = tuple(VARIANTS)
-    """Rows of the table, keys of VARIANTS."""
+    """Comma-separated rows (default: all): no-tuning, cos, l2, cos-frames-abs, eps-mse, spatial,
+    faithful-prompt."""
     samples: int = 3
-    """Videos generated per motion and seed, each with a new appearance."""
+    """New appearances per motion and seed."""
     seeds: tuple[int, ...] = (0,)
-    """Each seed tunes again (timesteps and noise) and draws other new appearances."""
-    steps: int = 400
+    """Comma-separated seeds; each tunes again (timesteps and noise) and draws other new appearances."""
+    steps: int = RECIPE.steps
     """Tuning steps per variant and clip (paper: 400)."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate of tuning (paper: 1e-4)."""
-    inference_steps: int = 25
+    learning_rate: float = field(default=RECIPE.learning_rate, metadata=option("--lr"))
+    """Tuning learning rate (paper: 1e-4)."""
+    inference_steps: int = RECIPE.toy_inference_steps
     """DDIM inversion and sampling steps (paper: 75)."""
-    guidance_scale: float = 4.0
-    """Classifier-free guidance of sampling (paper: 9.0 for Show-1)."""
+    guidance_scale: float = RECIPE.toy_guidance_scale
+    """Classifier-free guidance (paper: 9.0 for Show-1)."""
     clip_model: str | None = None
-    """CLIP hub id or folder for text alignment and frame consistency; None skips them."""
-    out_dir: str = "benchmarks/eval"
-    """Where eval.md, eval.json and eval.png go."""
+    """CLIP hub id or folder for the CLIP metrics (tiny-random: an untrained tiny CLIP, for smoke runs)."""
+    out_dir: str = field(default="benchmarks/eval", metadata=option("--out"))
+    """Folder for eval.md, eval.json, eval.png."""
     device: str = "cpu"
-    """``cpu`` or ``cuda``."""
-    cache_dir: str = field(default_factory=lambda: RunConfig().cache_dir)
-    """Prompt-embedding cache."""
+    """cpu | cuda."""
+    cache_dir: str = field(default_factory=default_cache_dir)
+    """Prompt-embedding cache (default: $VMC_FAST_CACHE or ~/.cache/vmc-fast)."""
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.motions if m not in toyworld.HELD_OUT_MOTIONS]
+        unknown = [m for m in self.motions if m not in world.HELD_OUT_MOTIONS]
         check_field(bool(self.motions) and not unknown, "--motions",
-                    f"{', '.join(unknown) or 'none given'}: choose from {', '.join(toyworld.HELD_OUT_MOTIONS)}")
+                    f"{', '.join(unknown) or 'none given'}: choose from {', '.join(world.HELD_OUT_MOTIONS)}")
         unknown = [v for v in self.variants if v not in VARIANTS]
         check_field(bool(self.variants) and not unknown, "--variants",
                     f"{', '.join(unknown) or 'none given'}: choose from {', '.join(VARIANTS)}")
@@ -131,16 +142,16 @@ class EvalConfig:
 # ------------------------------------------------------------------------------------------------ the plan
 
 
-def new_appearances(reference: toyworld.ClipSpec, count: int, seed: int) -> list[toyworld.ClipSpec]:
+def new_appearances(reference: world.ClipSpec, count: int, seed: int) -> list[world.ClipSpec]:
     """`count` specs with the reference's motion (same path) and a shape, colour and background it lacks.
 
     Colours stay apart from the background (no white on grey, no blue on dark blue) so segmentation is fair.
     """
     rng = random.Random(f"{reference.motion}-{seed}")
     too_close = {("blue", "dark-blue"), ("white", "grey")}
-    shapes = [s for s in toyworld.SHAPES if s != reference.shape]
-    colours = [c for c in toyworld.COLOURS if c != reference.colour]
-    backgrounds = [b for b in toyworld.BACKGROUNDS if b != reference.background]
+    shapes = [s for s in world.SHAPES if s != reference.shape]
+    colours = [c for c in world.COLOURS if c != reference.colour]
+    backgrounds = [b for b in world.BACKGROUNDS if b != reference.background]
     specs = []
     while len(specs) < count:
         colour, background = rng.choice(colours), rng.choice(backgrounds)
@@ -190,18 +201,16 @@ def run_eval(cfg: EvalConfig, progress: ProgressCallback | None = None) -> dict:
     return report
 
 
-def tune_and_generate(cfg: EvalConfig, session, variant: Variant, seed: int, path: Path, reference: toyworld.Clip,
+def tune_and_generate(cfg: EvalConfig, session, variant: Variant, seed: int, path: Path, reference: world.Clip,
                       clip_scorer, tick: Callable[[int], None], adapter_path: Path | None = None) -> dict:
     """Tune one variant on one reference (or not), invert it once, sample every new appearance, score them.
 
     Returns {"samples": one record per new appearance, "frames": their (3, F, H, W) videos}. The adapter is
     written to `adapter_path` when the session writes adapters.
     """
-    from vmc_fast.inference.generate import ddim_invert, decode, sample
-
     prompt = reference.motion_caption if variant.prompt == "motion" else reference.caption
     targets = new_appearances(reference.spec, cfg.samples, seed)
-    captions = [toyworld.captions(spec)[0] for spec in targets]
+    captions = [world.captions(spec)[0] for spec in targets]
     embeddings = session.prompt_embeddings(list(dict.fromkeys([prompt, "", *captions])))
     tune_seconds, final_loss = None, None
     if variant.tune:
@@ -211,17 +220,14 @@ def tune_and_generate(cfg: EvalConfig, session, variant: Variant, seed: int, pat
         tune_seconds, final_loss = result.seconds, result.final_loss
     else:
         session.reset_trainable()
-    unet, scheduler = session.backbone.unet, session.backbone.noise_scheduler.config
-    device = session.device
+    backbone, device = session.backbone, session.device
     empty = embeddings[""].unsqueeze(0).to(device)
-    x_T = ddim_invert(unet, session.load_input(path), empty, scheduler, cfg.inference_steps,
-                      on_step=lambda *_: tick(1))
+    x_T = invert_clip(backbone, session.load_input(path), empty, cfg.inference_steps, on_step=lambda *_: tick(1))
     records, frames_list = [], []
     for spec, caption in zip(targets, captions):
         cond = embeddings[caption].unsqueeze(0).to(device)
-        x0 = sample(unet, x_T, cond, empty, scheduler, cfg.inference_steps, cfg.guidance_scale,
-                    on_step=lambda *_: tick(1))
-        frames = decode(session.backbone, x0)
+        frames = sample_frames(backbone, x_T, cond, empty, cfg.inference_steps, cfg.guidance_scale,
+                               on_step=lambda *_: tick(1))
         frames_list.append(frames)
         records.append({"variant": variant.name, "motion": reference.spec.motion, "seed": seed, "prompt": caption,
                         "tuning_prompt": prompt, "target": {"shape": spec.shape, "colour": spec.colour,
@@ -231,7 +237,7 @@ def tune_and_generate(cfg: EvalConfig, session, variant: Variant, seed: int, pat
     return {"samples": records, "frames": frames_list}
 
 
-def score(frames: torch.Tensor, reference: toyworld.Clip, target: toyworld.ClipSpec, clip_scorer=None) -> dict:
+def score(frames: torch.Tensor, reference: world.Clip, target: world.ClipSpec, clip_scorer=None) -> dict:
     """The scores of one generated video (3, F, H, W) in [-1, 1] asked to show `target`'s appearance."""
     # The track comes from saliency, not from the asked colour: a video that copies the motion in the wrong
     # colour scores on motion and fails on colour, rather than failing on both.
@@ -241,7 +247,7 @@ def score(frames: torch.Tensor, reference: toyworld.Clip, target: toyworld.ClipS
     scores = {**{k: _finite(v) for k, v in report.items()}, "colour_adherence": asked.colour,
               "shape_adherence": _finite(asked.shape), "colour_leak": leak}
     if clip_scorer is not None:
-        clip = clip_scorer(frames, toyworld.captions(target)[0])
+        clip = clip_scorer(frames, world.captions(target)[0])
         scores.update(clip_text_alignment=clip.text_alignment, clip_frame_consistency=clip.frame_consistency)
     return scores
 
@@ -340,10 +346,8 @@ def _significance(stats: tuple[float, float, int] | None) -> str:
 
 
 def _report(cfg: EvalConfig, samples: list[dict], seconds: float) -> dict:
-    from vmc_fast.toy.pretrain import machine_description
-
     summary = summarize(samples, list(cfg.variants), list(cfg.motions))
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_sha": _git_sha(),
+    return {"date": utc_now(), "git_sha": git_sha(),
             "machine": machine_description(), "seconds": round(seconds, 1),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"},
             "model_training": _model_training(cfg.model_id), "summary": summary,
@@ -358,15 +362,6 @@ def _model_training(model_id: str) -> dict | None:
 
     training = read_toy_config().get("training", {})
     return {k: training.get(k) for k in ("steps", "final_loss", "wall_s", "machine")}
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _fmt(value: float | None) -> str:
@@ -421,7 +416,7 @@ def figure_image(figure: dict, references: dict, scale: int = 3):
     draw = ImageDraw.Draw(image)
     for r, (label, frames) in enumerate(rows):
         draw.text((4, r * frame_h + frame_h // 2 - 6), label, fill="black")
-        for f, pixels in enumerate(toyworld.frames_to_uint8(frames)):
+        for f, pixels in enumerate(frames_to_uint8(frames)):
             tile = Image.fromarray(pixels.numpy()).resize((frame_w, frame_h), Image.NEAREST)
             image.paste(tile, (label_w + f * frame_w, r * frame_h))
     return image

@@ -204,7 +204,7 @@ class AppearanceScores:
     shape_iou: float
     """Mean IoU between the foreground and a template of the asked shape fitted to it (nan without a shape)."""
     fill_ratio: float
-    """Mean foreground area over bounding-box area (compare with toyworld.FILL_RATIO)."""
+    """Mean foreground area over bounding-box area (compare with world.FILL_RATIO)."""
 
 
 def dominant_colour(frames: torch.Tensor, mask: torch.Tensor) -> list[str | None]:
@@ -419,10 +419,10 @@ def tiny_random_clip(seed: int = 0, image_size: int = 32):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
-    from vmc_fast.toy import world as toyworld
+    from vmc_fast.toy import world
 
     special = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    words = " ".join([*COLOURS, *SHAPES, *toyworld.MOTION_PHRASES.values(), *toyworld.BACKGROUND_PHRASES.values(),
+    words = " ".join([*COLOURS, *SHAPES, *world.MOTION_PHRASES.values(), *world.BACKGROUND_PHRASES.values(),
                       "on background moving dark"]).replace("-", " ").split()
     vocab = {token: i for i, token in enumerate(dict.fromkeys(special + words))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

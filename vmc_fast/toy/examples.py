@@ -14,7 +14,15 @@ import sys
 from pathlib import Path
 
 from vmc_fast.errors import VmcError
-from vmc_fast.toy.world import HELD_OUT_MOTIONS, Clip, ClipSpec, clip_record, render_clip, sample_motion_params, write_clip
+from vmc_fast.toy.world import (
+    HELD_OUT_MOTIONS,
+    Clip,
+    ClipSpec,
+    clip_record,
+    render_clip,
+    sample_motion_params,
+    write_clip,
+)
 
 DEFAULT_SPEC = ClipSpec(shape="circle", colour="red", background="grey", motion="zigzag", num_frames=8,
                         height=32, width=32, seed=0)

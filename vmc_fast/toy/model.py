@@ -2,7 +2,7 @@
 
 It is the same family as Show-1 (pixel space, in 3 / out 6 learned variance, Show-1's DDPM schedule, T5 text
 states), so motion tuning, inversion and sampling run through exactly the code paths of the real model, but it
-is small enough to pretrain in minutes on one GPU (`python -m vmc_fast.toy.pretrain`) and to ship its weights
+is small enough to pretrain in minutes on one GPU (`vmc-fast toy-pretrain`) and to ship its weights
 inside the package (``vmc_fast/toy/assets/weights/``, fp16, a few MB). It knows the toy world's vocabulary only.
 
 Shipped folder (or ``$VMC_FAST_TOY_DIR``)::
@@ -28,19 +28,16 @@ from torch import nn
 from vmc_fast.errors import VmcError
 from vmc_fast.models.registry import Backbone, LoadOptions, register
 from vmc_fast.models.show1.unet import Show1Config, Show1UNet3D
+from vmc_fast.models.tiny import PROMPT_LENGTH, T5_SPECIAL_TOKENS, t5_style_tokenizer
 
 TOY_DIR_ENV = "VMC_FAST_TOY_DIR"
 """Environment variable naming a folder that replaces the shipped ``vmc_fast/toy/assets/weights/`` (tests, new runs)."""
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "weights"
 """Where the shipped toy weights live inside the package."""
 CONFIG_FILE, UNET_FILE, TEXT_ENCODER_FILE = "config.json", "unet.safetensors", "text_encoder.safetensors"
-PROMPT_LENGTH = 77
-"""Prompts are padded to 77 tokens as in Show-1, so cached embeddings have the usual (B, 77, D) shape."""
 NUM_FRAMES, HEIGHT, WIDTH = 8, 32, 32
 """Clip size the toy model is trained on (the UNet needs H and W divisible by 4)."""
-SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
-"""T5 conventions: pad id 0, end-of-sequence id 1, unknown id 2."""
-PRETRAIN_COMMAND = "python -m vmc_fast.toy.pretrain --out DIR --steps N --export"
+PRETRAIN_COMMAND = "vmc-fast toy-pretrain --out DIR --steps N --export"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,7 +98,7 @@ def toy_vocabulary() -> list[str]:
                     spec = tw.ClipSpec(shape=shape, colour=colour, background=background, motion=motion)
                     for caption in tw.captions(spec):
                         words.update(_split_words(caption))
-    return [*SPECIAL_TOKENS, *sorted(words - set(SPECIAL_TOKENS))]
+    return [*T5_SPECIAL_TOKENS, *sorted(words - set(T5_SPECIAL_TOKENS))]
 
 
 def _split_words(text: str) -> list[str]:
@@ -113,16 +110,7 @@ def _split_words(text: str) -> list[str]:
 
 def build_toy_tokenizer():
     """Word-level tokenizer over `toy_vocabulary` (lower-case, ``</s>`` appended, pad 0); unknown words -> <unk>."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {word: index for index, word in enumerate(toy_vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=PROMPT_LENGTH)
+    return t5_style_tokenizer(toy_vocabulary(), subwords=False)
 
 
 def tokenize(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -185,7 +173,7 @@ def load_toy_prompt_encoder(folder: Path | None = None, device: str = "cpu"):
     """The shipped toy tokenizer + T5 encoder as a prompt encoder: list of B prompts -> (B, 77, 64) float32."""
     from transformers import T5Config, T5EncoderModel
 
-    from vmc_fast.models.show1.loading import T5PromptEncoder
+    from vmc_fast.models.show1.text_encoder import T5PromptEncoder
 
     folder = folder or toy_dir()
     config = read_toy_config(folder)

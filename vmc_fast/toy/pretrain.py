@@ -1,7 +1,7 @@
 """Pretrain the built-in ``toy`` model (UNet + T5, jointly) on procedural toy-world clips, and export it.
 
-    python -m vmc_fast.toy.pretrain --out DIR --steps N [--resume] [--export [--export-dir DIR]]
-    python -m vmc_fast.toy.pretrain --out DIR --export-only          # ship DIR's latest checkpoint
+    vmc-fast toy-pretrain --out DIR --steps N [--resume] [--export [--export-dir DIR]]
+    vmc-fast toy-pretrain --out DIR --export-only          # ship DIR's latest checkpoint
 
 Every step draws a fresh batch of clips from `vmc_fast.toy.world` with the held-out motion families excluded, so
 that tuning on a held-out motion later measures transfer, not memory. The batch, timesteps, noise and caption
@@ -16,21 +16,20 @@ arbitrary. ``--vlb-weight 0`` turns it off.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import platform
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from vmc_fast.toy import world as toyworld
+from vmc_fast.config import option
+from vmc_fast.runtime import machine_description, resolve_device
 from vmc_fast.toy import model as toy
+from vmc_fast.toy import world
 
 CHECKPOINT = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
@@ -47,7 +46,7 @@ class PretrainConfig:
     """One pretraining run; saved inside every checkpoint."""
 
     out: str = "toy-run"
-    """Run folder: checkpoint.pt, log.jsonl, config.json."""
+    """Run folder: checkpoint.pt, log.jsonl (and, with --export, the shipped files' source)."""
     steps: int = 3000
     """Total optimizer steps (a resumed run stops at the same total)."""
     batch_size: int = 4
@@ -74,7 +73,7 @@ class PretrainConfig:
     """Steps between atomic checkpoints (and always at the end)."""
     log_every: int = 10
     """Steps between progress lines."""
-    num_frames: int = toy.NUM_FRAMES
+    num_frames: int = field(default=toy.NUM_FRAMES, metadata=option("--frames"))
     """Frames per clip."""
     height: int = toy.HEIGHT
     """Clip height in pixels (divisible by 4)."""
@@ -124,12 +123,12 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 1_000_003 + step
 
 
-def sample_specs(cfg: PretrainConfig, step: int) -> list[toyworld.ClipSpec]:
+def sample_specs(cfg: PretrainConfig, step: int) -> list[world.ClipSpec]:
     """The clip specs of one step: train motions only, all shapes, colours and backgrounds."""
     rng = random.Random(step_seed(cfg.seed, step))
-    specs = [toyworld.sample_spec(rng, motions=toyworld.TRAIN_MOTIONS, num_frames=cfg.num_frames,
+    specs = [world.sample_spec(rng, motions=world.TRAIN_MOTIONS, num_frames=cfg.num_frames,
                                   height=cfg.height, width=cfg.width) for _ in range(cfg.batch_size)]
-    assert not {s.motion for s in specs} & set(toyworld.HELD_OUT_MOTIONS)
+    assert not {s.motion for s in specs} & set(world.HELD_OUT_MOTIONS)
     return specs
 
 
@@ -137,7 +136,7 @@ def make_batch(cfg: PretrainConfig, step: int, num_timesteps: int) -> dict:
     """One step's batch on the CPU: pixels (B, 3, F, H, W) float32 in [-1, 1], captions (B strings, "" when
     dropped), timesteps (B,) int64, noise like pixels."""
     specs = sample_specs(cfg, step)
-    clips = [toyworld.render_clip(spec) for spec in specs]
+    clips = [world.render_clip(spec) for spec in specs]
     rng = random.Random(~step_seed(cfg.seed, step))
     captions = ["" if rng.random() < cfg.caption_dropout else clip.caption for clip in clips]
     gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
@@ -205,13 +204,6 @@ def diffusion_loss(cfg: PretrainConfig, state: TrainState, scheduler, tokenizer,
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup, checkpoints
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_state(cfg: PretrainConfig, device: torch.device, vocab_size: int) -> TrainState:
@@ -346,18 +338,6 @@ def _append_log(cfg: PretrainConfig, state: TrainState, window: list[dict], rate
 # Export (the shipped files)
 
 
-def machine_description() -> str:
-    """A one-line description of where this ran: GPU name, or CPU model and torch thread count."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
-
-
 def export(run_dir: str | Path, dest: str | Path = toy.ASSETS_DIR, command: str | None = None) -> Path:
     """Write the shipped toy files (fp16 safetensors, config.json, README.md) from run_dir's checkpoint."""
     from safetensors.torch import save_file
@@ -390,7 +370,7 @@ def _t5_kwargs(diff_dict: dict) -> dict:
 
 
 def _default_command(cfg: dict) -> str:
-    return (f"OMP_NUM_THREADS=1 python -m vmc_fast.toy.pretrain --out {cfg['out']} --steps {cfg['steps']} "
+    return (f"OMP_NUM_THREADS=1 vmc-fast toy-pretrain --out {cfg['out']} --steps {cfg['steps']} "
             f"--batch-size {cfg['batch_size']} --checkpoint-every {cfg['checkpoint_every']} --seed {cfg['seed']}")
 
 
@@ -401,7 +381,7 @@ def _readme(training: dict, dest: Path) -> str:
 
 A small Show-1-family keyframe UNet (pixel space, in 3 / out 6) and a small T5 encoder with a word-level
 tokenizer built in code (`vmc_fast.toy.model`), pretrained jointly on procedural toy-world clips with the
-held-out motions ({", ".join(toyworld.HELD_OUT_MOTIONS)}) excluded. Loaded by `load_backbone("toy")`.
+held-out motions ({", ".join(world.HELD_OUT_MOTIONS)}) excluded. Loaded by `load_backbone("toy")`.
 
 - Steps reached: {training["steps"]} (of {training["config"]["steps"]} planned), batch {training["config"]["batch_size"]}
 - Final loss (the training objective: eps-MSE, weighted as the last command says, + VLB; median of the last
@@ -414,65 +394,8 @@ held-out motions ({", ".join(toyworld.HELD_OUT_MOTIONS)}) excluded. Loaded by `l
 Reproduce (the run folder keeps an atomic checkpoint; `--resume` continues it exactly):
 
     {newline.join(training["commands"])}
-    python -m vmc_fast.toy.pretrain --out {training["config"]["out"]} --export-only
+    vmc-fast toy-pretrain --out {training["config"]["out"]} --export-only
 
 The last command writes these files (fp16) from the run's latest checkpoint into `vmc_fast/toy/assets/weights/`
 (`--export-dir` for another folder).
 """
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = PretrainConfig()
-    p = argparse.ArgumentParser(prog="python -m vmc_fast.toy.pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.jsonl)")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    p.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout)
-    p.add_argument("--vlb-weight", type=float, default=defaults.vlb_weight)
-    p.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=defaults.loss_weighting,
-                   help="eps-MSE weight per timestep: uniform, or v (1/abar_t, capped; favours high noise)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    p.add_argument("--log-every", type=int, default=defaults.log_every)
-    p.add_argument("--device", default=defaults.device)
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    p.add_argument("--export", action="store_true", help="after training, write the shipped files")
-    p.add_argument("--export-only", action="store_true", help="only export --out's latest checkpoint")
-    p.add_argument("--export-dir", default=str(toy.ASSETS_DIR), help="where --export writes (default: assets)")
-    return p.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    return PretrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          warmup_steps=args.warmup_steps, caption_dropout=args.caption_dropout,
-                          vlb_weight=args.vlb_weight, loss_weighting=args.loss_weighting, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                          log_every=args.log_every, device=args.device)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    command = " ".join(["python -m vmc_fast.toy.pretrain", *(sys.argv[1:] if argv is None else argv)])
-    threads = os.environ.get("OMP_NUM_THREADS")
-    command = f"OMP_NUM_THREADS={threads} {command}" if threads else command
-    if args.export_only:
-        print(f"exported to {export(args.out, args.export_dir)}")
-        return 0
-    try:
-        cfg = config_from_args(args)
-        pretrain(cfg, resume=args.resume, log=lambda line: print(line, flush=True), command=command)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.export:
-        print(f"exported to {export(cfg.out, args.export_dir)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from vmc_fast.io.video import write_video
+
 # --------------------------------------------------------------------------------------------------------------
 # Vocabulary
 # --------------------------------------------------------------------------------------------------------------
@@ -498,60 +500,9 @@ def sample_spec(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """(3, F, H, W) float in [-1, 1] -> (F, H, W, 3) uint8."""
-    return ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
-
-
-def write_gif(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
-    """Write (3, F, H, W) frames in [-1, 1] as a looping gif."""
-    from PIL import Image
-
-    path = Path(path)
-    images = [Image.fromarray(f.numpy()) for f in frames_to_uint8(frames)]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    return path
-
-
-def _pad_even(video: torch.Tensor) -> torch.Tensor:
-    """(F, H, W, 3) uint8 -> same with even H and W (edge pixels repeated), as yuv420p needs."""
-    pad_h, pad_w = video.shape[1] % 2, video.shape[2] % 2
-    if pad_h:
-        video = torch.cat([video, video[:, -1:]], dim=1)
-    if pad_w:
-        video = torch.cat([video, video[:, :, -1:]], dim=2)
-    return video
-
-
-def write_mp4(frames: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
-    """Write (3, F, H, W) frames in [-1, 1] as an mp4 (libx264, or mpeg4 where libx264 is missing)."""
-    import av
-
-    path = Path(path)
-    video = _pad_even(frames_to_uint8(frames)).contiguous().numpy()
-    with av.open(str(path), mode="w") as container:
-        try:
-            stream = container.add_stream("libx264", rate=fps, options={"crf": "12"})
-        except Exception:  # codec not built into this PyAV
-            stream = container.add_stream("mpeg4", rate=fps)
-            stream.bit_rate = 4_000_000
-        stream.height, stream.width = video.shape[1], video.shape[2]
-        stream.pix_fmt = "yuv420p"
-        for image in video:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())
-    return path
-
-
 def write_clip(clip: Clip | torch.Tensor, path: str | Path, fps: int = 8) -> Path:
     """Write a clip (or (3, F, H, W) frames in [-1, 1]) as .gif or .mp4, chosen by the path's suffix."""
-    frames = clip.frames if isinstance(clip, Clip) else clip
-    path = Path(path)
-    if path.suffix.lower() == ".gif":
-        return write_gif(frames, path, fps)
-    if path.suffix.lower() != ".mp4":
-        raise ValueError(f"path must end in .mp4 or .gif, got {str(path)!r}")
-    return write_mp4(frames, path, fps)
+    return write_video(clip.frames if isinstance(clip, Clip) else clip, path, fps)
 
 
 def clip_record(clip: Clip) -> dict:

@@ -18,19 +18,10 @@ from torch import nn
 
 from vmc_fast import __version__
 from vmc_fast.errors import VmcError
-from vmc_fast.io.files import atomic_path
+from vmc_fast.io.files import atomic_save_file
 
 FORMAT = "vmc-fast-motion-adapter/1"
 _SAMPLES_PER_TENSOR = 16
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """safetensors save that either fully succeeds or leaves no file at `path`."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return Path(path)
 
 
 def base_fingerprint(unet: nn.Module, exclude: set[str] | frozenset[str] = frozenset(), legacy: bool = False) -> str:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-COMPILE_MODES = ("regional", "full", "off")
-"""``regional``: each down/mid/up block separately (default); ``full``: the whole forward; ``off``: eager."""
+from vmc_fast.config import COMPILE_MODES
 
 
 def compile_unet(unet: nn.Module, mode: str = "regional", **compile_kwargs) -> nn.Module:

@@ -1,33 +1,22 @@
 """The VMC training loop: one clip and one prompt embedding in, tuned temporal Q/K/V out.
 
-The loop knows nothing of DeepSpeed: an `OptimizerStep` does backward, clipping and the update, either with a
-plain torch optimizer (`TorchStep`) or a DeepSpeed engine (vmc_fast.runs.launch).
+The loop knows nothing of DeepSpeed: an `OptimizerStep` (`vmc_fast.tuning.steps`) does backward, clipping and
+the update, with a plain torch optimizer or a DeepSpeed engine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 from torch import nn
 
 from vmc_fast.config import TrainConfig
+from vmc_fast.runtime import autocast
 from vmc_fast.tuning.losses import motion_distillation_loss
-
-
-class OptimizerStep(Protocol):
-    """Backward + (clip) + update + zero-grad for one loss; returns the pre-clip gradient norm (or nan)."""
-
-    def __call__(self, loss: torch.Tensor) -> float: ...
-
-    def full_parameters(self, modify: bool = False) -> contextlib.AbstractContextManager:
-        """Inside, the trained parameters are whole on this rank (ZeRO-3 partitions them across ranks); with
-        `modify`, in-place changes made inside are kept."""
-        ...
+from vmc_fast.tuning.steps import OptimizerStep
 
 
 @dataclass
@@ -60,36 +49,6 @@ class TuneResult:
         """Mean of the last 10% of steps (a single step's loss is too noisy to report)."""
         tail = self.losses[-max(1, len(self.losses) // 10):]
         return sum(tail) / len(tail)
-
-
-class TorchStep:
-    """A plain torch optimizer over the trainable parameters, with global-norm clipping."""
-
-    def __init__(self, params: list[nn.Parameter], cfg: TrainConfig):
-        self.params = params
-        self.grad_clip = cfg.grad_clip
-        self.optimizer = build_optimizer(params, cfg)
-
-    def __call__(self, loss: torch.Tensor) -> float:
-        loss.backward()
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def full_parameters(self, modify: bool = False) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # never partitioned
-
-
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the recipe's hyper-parameters; ``adamw8bit`` keeps its moments in 8 bits (bitsandbytes)."""
-    kwargs = dict(lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
 
 
 def tune(
@@ -136,18 +95,3 @@ def vmc_loss(unet: nn.Module, clip: torch.Tensor, noise: torch.Tensor, t: torch.
     eps_pred = output.sample if hasattr(output, "sample") else output
     weight = ((1 - a) / a).reshape(-1) if cfg.snr_weight else None
     return motion_distillation_loss(eps_pred, noise, kind=cfg.loss, stride=cfg.loss_stride, weight=weight)
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16/fp16 autocast when asked (``auto``: bf16 on CUDA); a no-op for fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto`` means bf16 on CUDA and fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.device(device).type == "cuda" else "fp32"

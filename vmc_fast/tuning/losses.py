@@ -1,4 +1,4 @@
-"""VMC's motion-distillation losses on frame-to-frame noise residuals (DESIGN.md section 1).
+"""VMC's motion-distillation losses on frame-to-frame noise residuals (docs/design.md section 1).
 
 All functions take noise tensors laid out (B, C, F, H, W) and return a scalar tensor. Learned-variance models
 output 2x channels; callers pass `epsilon_half(output)` (or this module drops the extra half itself when
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_KINDS = ("cos", "l2", "cos-frames-abs", "eps-mse")
+from vmc_fast.config import LOSS_KINDS
 
 
 def motion_distillation_loss(

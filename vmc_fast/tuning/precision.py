@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FROZEN_DTYPES = ("fp32", "bf16", "int8")
-"""Values of ``--frozen-dtype``."""
+from vmc_fast.config import STORAGE_DTYPES
+from vmc_fast.runtime import COMPUTE_DTYPES
+
+FROZEN_DTYPES = STORAGE_DTYPES
+"""Values of ``--frozen-dtype`` besides ``auto``."""
 CONV_FORMATS = ("int8", "fp8")
 """8-bit storage of frozen conv weights: ``int8`` (absmax/127 per output channel) or ``fp8`` (float8_e4m3fn,
 absmax/448 per output channel)."""
@@ -33,7 +36,7 @@ error of the tiny models unchanged (0.0200 vs 0.0200, 0.0414 vs 0.0416 relative 
 training mode on CPU bitsandbytes dequantizes the weight and runs a float matmul, where the threshold does
 nothing. Worth re-measuring on real Show-1 weights on a GPU, where activation outliers may be larger."""
 
-_CAST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_CAST_DTYPES = {name: COMPUTE_DTYPES[name] for name in ("fp32", "bf16")}
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT_GRADS = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 _QMAX = {"int8": 127.0, "fp8": 448.0}

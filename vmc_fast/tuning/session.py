@@ -2,14 +2,13 @@
 
 Setup is a fixed sequence of named steps — load → surgery → fingerprint → frozen precision → checkpointing →
 attention backend → compile; the optimizer step comes last (a plain optimizer per video, or one DeepSpeed engine
-per session, see vmc_fast.runs.launch).
+per session, see vmc_fast.tuning.steps).
 Between videos only the trainable tensors are reset (copied back from a snapshot), so nothing is rebuilt and
 frozen weights are never copied per video.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,20 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from vmc_fast.tuning.adapters import atomic_save_file, base_fingerprint, save_adapter
 from vmc_fast.config import RunConfig
+from vmc_fast.io.files import atomic_save_file
+from vmc_fast.io.prompts import cached_prompt_embeddings, embedding_model_key
 from vmc_fast.io.video import FrameSampling, load_clip
 from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
-from vmc_fast.io.prompts import cached_prompt_embeddings, embedding_model_key
-from vmc_fast.tuning.surgery import SurgeryReport, prepare_for_motion_tuning, trainable_state
-from vmc_fast.tuning.loop import OptimizerStep, StepStats, TorchStep, TuneResult, resolve_precision, tune
+from vmc_fast.runtime import COMPUTE_DTYPES, compute_dtype
+from vmc_fast.tuning.adapters import base_fingerprint, save_adapter
+from vmc_fast.tuning.loop import StepStats, TuneResult, tune
+from vmc_fast.tuning.steps import OptimizerStep, TorchStep, whole_parameters
+from vmc_fast.tuning.surgery import (
+    SurgeryReport,
+    prepare_for_motion_tuning,
+    trainable_state,
+)
 
 
 @dataclass
@@ -68,13 +74,13 @@ class TuningSession:
         if self.cfg.model.frozen_dtype == "bf16" and self.compute_dtype == torch.float32:
             raise ValueError("--frozen-dtype bf16: bf16 weights need bf16 compute; pass --precision bf16 "
                              "(slow on most CPUs) or --frozen-dtype fp32")
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(self.cfg.model.frozen_dtype, self.compute_dtype)
+        frozen = self.cfg.model.frozen_dtype
+        dtype = COMPUTE_DTYPES[frozen] if frozen in ("fp32", "bf16") else self.compute_dtype
         return load_backbone(self.cfg.model.model_id, LoadOptions(dtype=dtype, device=str(self.device)))
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        precision = resolve_precision(self.cfg.train.precision, self.device)
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        return compute_dtype(self.cfg.train.precision, self.device)
 
     def _frozen_precision(self):
         if self.cfg.model.frozen_dtype != "int8":
@@ -162,7 +168,7 @@ class TuningSession:
         result = tune(unet, self.backbone.noise_scheduler.alphas_cumprod, clip, states, self.cfg.train,
                       self._optimizer_step, on_step)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
-        with _whole(self._optimizer_step):  # on every rank: under ZeRO-3 gathering is collective
+        with whole_parameters(self._optimizer_step):  # on every rank: under ZeRO-3 gathering is collective
             state = trainable_state(unet)
         if self.write_adapters:
             self.save(adapter_path, prompt, result, state)
@@ -170,7 +176,7 @@ class TuningSession:
 
     def reset_trainable(self) -> None:
         """Copy the base weights back into the tuned tensors (in place: compiled graphs stay valid)."""
-        with torch.no_grad(), _whole(self._optimizer_step, modify=True):
+        with torch.no_grad(), whole_parameters(self._optimizer_step, modify=True):
             for param, initial in zip(self.params, self._initial):
                 param.copy_(initial)
 
@@ -183,9 +189,3 @@ class TuningSession:
             width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
                                   "reverse": s.reverse, "family": self.backbone.family},
         )
-
-
-def _whole(step: OptimizerStep | None, modify: bool = False) -> contextlib.AbstractContextManager:
-    """The step's gather of partitioned parameters (ZeRO-3); nothing for steps that never partition them."""
-    full_parameters = getattr(step, "full_parameters", None)  # optional for steps written before ZeRO-3
-    return full_parameters(modify) if full_parameters is not None else contextlib.nullcontext()

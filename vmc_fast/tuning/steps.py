@@ -130,8 +130,12 @@ class DeepSpeedStep:
 
     def reset(self, params: list[nn.Parameter]) -> None:
         """Start a new video: master weights from the (already reset) module params, zero Adam moments."""
-        from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state,
-                                     safe_set_local_fp32_param, safe_set_local_optimizer_state)
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
 
         with self.full_parameters():
             values = [param.detach().clone().float() for param in params]

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vmc_fast.config import DEFAULT_TRAINABLE_PATTERN
 from vmc_fast.errors import VmcError
-
-DEFAULT_TRAINABLE_PATTERN = r"temp_attentions\..*\.to_[qkv]\.weight$"
 
 
 @dataclass(frozen=True)

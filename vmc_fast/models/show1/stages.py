@@ -1,4 +1,5 @@
-"""Building and loading Show-1's frozen cascade stages (interpolation, IF-II first frame, sr1, sr2).
+"""Show-1's frozen cascade stages (interpolation, IF-II first frame, sr1, sr2): what a cascade is made of, and
+building and loading its stages. Running them is `vmc_fast.inference.cascade`.
 
 Real stages come from hub ids or local folders: the two pixel-space Show-1 stages through `load_show1_unet`
 (the same code as the keyframe model), IF-II and sr2 through diffusers' own pipelines. ``show1-tiny-random``
@@ -8,13 +9,77 @@ gets seeded tiny random stages of the same classes, so the whole cascade runs on
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
-from vmc_fast.inference.cascade import SHOW1_STAGE_IDS, STAGES, PixelStage, Show1Cascade
 from vmc_fast.errors import VmcError
 from vmc_fast.models.registry import LoadOptions
+from vmc_fast.models.show1.loading import (
+    SHOW1_SCHEDULER_CONFIG,
+    RepositorySource,
+    load_show1_scheduler,
+    load_show1_unet,
+    save_show1_pretrained,
+    show1_scheduler,
+)
+
+STAGES = ("interpolation", "sr1_first_frame", "sr1", "sr2")
+SHOW1_STAGE_IDS = {
+    "interpolation": "showlab/show-1-interpolation",
+    "sr1_first_frame": "DeepFloyd/IF-II-L-v1.0",
+    "sr1": "showlab/show-1-sr1",
+    "sr2": "showlab/show-1-sr2",
+}
+"""Where the public Show-1 stages live; `--stage NAME=ID` points one elsewhere (e.g. a downloaded folder)."""
+
+NO_STAGE = "none"
+"""`--stage sr1_first_frame=none` skips IF-II: the first sr1 window then has no given first frame."""
+
+
+@dataclass
+class Show1Cascade:
+    """Where each frozen stage of a Show-1 model comes from; `load(name)` builds one on demand."""
+
+    sources: dict[str, str]
+    """Stage name (see STAGES) -> hub id, local folder, or a built-in marker; NO_STAGE skips sr1_first_frame."""
+    build: Callable[[str, str], Any]
+    """build(stage name, source) -> the stage (a PixelStage or a diffusers pipeline)."""
+    sr2_size: tuple[int, int] = (320, 576)
+    """(height, width) of the final video."""
+
+    def load(self, name: str) -> Any:
+        return self.build(name, self.sources[name])
+
+    def has(self, name: str) -> bool:
+        return self.sources.get(name, NO_STAGE) != NO_STAGE
+
+    def with_sources(self, overrides: dict[str, str]) -> "Show1Cascade":
+        """The same cascade with some stages taken from elsewhere (`--stage NAME=ID`)."""
+        check_stage_sources(overrides)
+        return replace(self, sources={**self.sources, **overrides})
+
+
+def check_stage_sources(sources: dict[str, str]) -> None:
+    """ValueError naming `--stage` for an unknown stage, or for skipping a stage that cannot be skipped."""
+    for name, source in sources.items():
+        if name not in STAGES:
+            raise ValueError(f"--stage: unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        if source == NO_STAGE and name != "sr1_first_frame":
+            raise ValueError(f"--stage: only sr1_first_frame can be skipped with 'none', not {name}")
+
+
+@dataclass
+class PixelStage:
+    """A Show-1 pixel-space stage: its UNet and its DDPM scheduler (and the noising scheduler of sr1)."""
+
+    unet: nn.Module
+    scheduler: Any
+    image_noising_scheduler: Any = None
+
 
 TINY_SOURCE = "built-in tiny random"
 IF_NOISING_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "clip_sample": True,
@@ -58,12 +123,10 @@ def load_pixel_stage(model_id: str, options: LoadOptions, noising: bool = False)
     """interpolation or sr1: a Show-1 repository (unet/, scheduler/, and image_noising_scheduler/ for sr1)."""
     from diffusers import DDPMScheduler
 
-    from vmc_fast.models.show1.loading import _Source, load_show1_scheduler, load_show1_unet
-
     unet = load_show1_unet(model_id, options)
     noising_scheduler = None
     if noising:
-        path = _Source(model_id).path("image_noising_scheduler/scheduler_config.json")
+        path = RepositorySource(model_id).path("image_noising_scheduler/scheduler_config.json")
         noising_scheduler = DDPMScheduler.from_config(json.loads(path.read_text()))
     return PixelStage(unet=unet, scheduler=load_show1_scheduler(model_id), image_noising_scheduler=noising_scheduler)
 
@@ -101,8 +164,6 @@ def save_stage(stage, folder) -> None:
     """Write a stage in the layout its loader reads (tests and users who build their own)."""
     from pathlib import Path
 
-    from vmc_fast.models.show1.loading import save_show1_pretrained
-
     folder = Path(folder)
     if isinstance(stage, PixelStage):
         save_show1_pretrained(folder, stage.unet, scheduler=stage.scheduler)
@@ -118,10 +179,10 @@ def save_stage(stage, folder) -> None:
 def _tiny_pixel_stage(options: LoadOptions, in_channels: int, seed: int, sr: bool = False) -> PixelStage:
     from diffusers import DDPMScheduler
 
+    from vmc_fast.models import tiny
     from vmc_fast.models.show1.unet import Show1UNet3D, init_random_weights
-    from vmc_fast.models.show1.loading import show1_scheduler, tiny_show1_unet_config
 
-    config = {**tiny_show1_unet_config(), "in_channels": in_channels}
+    config = {**tiny.show1_unet_config(), "in_channels": in_channels}
     if sr:  # 4x larger frames: spatial attention only at the lowest of three levels, as in IF-II
         config.update(class_embed_type="timestep", block_out_channels=[32, 32, 64],
                       down_block_types=["ResnetDownsampleBlock3D"] * 2 + ["SimpleCrossAttnDownBlock3D"],
@@ -133,8 +194,6 @@ def _tiny_pixel_stage(options: LoadOptions, in_channels: int, seed: int, sr: boo
 
 def _tiny_first_frame_pipeline(options: LoadOptions):
     from diffusers import DDPMScheduler, IFSuperResolutionPipeline, UNet2DConditionModel
-
-    from vmc_fast.models.show1.loading import SHOW1_SCHEDULER_CONFIG
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
@@ -151,17 +210,23 @@ def _tiny_first_frame_pipeline(options: LoadOptions):
 
 
 def _tiny_sr2_pipeline(options: LoadOptions):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel, VideoToVideoSDPipeline
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        UNet3DConditionModel,
+        VideoToVideoSDPipeline,
+    )
 
-    from vmc_fast.models.diffusers_unet3d import TINY_UNET_CONFIG, TINY_VAE_CONFIG, _tiny_clip_encoder
+    from vmc_fast.models import tiny
+    from vmc_fast.models.diffusers_unet3d import tiny_clip_prompt_encoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(4)
-        unet = UNet3DConditionModel(**{**TINY_UNET_CONFIG, "sample_size": 24})
-        vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "block_out_channels": (16, 32, 32),
+        unet = UNet3DConditionModel(**{**tiny.UNET3D_CONFIG, "sample_size": 24})
+        vae = AutoencoderKL(**{**tiny.VAE_CONFIG, "block_out_channels": (16, 32, 32),
                                "down_block_types": ("DownEncoderBlock2D",) * 3,
                                "up_block_types": ("UpDecoderBlock2D",) * 3})
-        clip = _tiny_clip_encoder()
+        clip = tiny_clip_prompt_encoder()
     clip.tokenizer.model_max_length = 77  # the pipeline pads to it; the in-memory tokenizer has no limit
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False)

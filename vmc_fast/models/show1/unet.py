@@ -25,7 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vmc_fast.models.attention import SelectableBackend, attention, merge_heads, split_heads
+from vmc_fast.models.attention import (
+    SelectableBackend,
+    attention,
+    merge_heads,
+    split_heads,
+)
 
 DOWN_BLOCK_TYPES = ("ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D")
 UP_BLOCK_TYPES = ("ResnetUpsampleBlock3D", "SimpleCrossAttnUpBlock3D")
