@@ -10,7 +10,8 @@ from vmc_fast.studies.bench import PRESETS, BenchOptions, Preset, run_one, step_
 
 
 def test_flop_count_of_the_base_architecture_matches_the_reference():
-    # Forward FLOPs of Show-1 base at 8x40x64 are 5.235e12 (tests/fixtures/show1/show1_base_stats.json, torch FlopCounterMode). A training
+    # Forward FLOPs of Show-1 base at 8x40x64 are 5.235e12 (tests/fixtures/show1/show1_base_stats.json, torch
+    # FlopCounterMode). A training
     # step adds backward to the activations down to the first temporal attention and Q/K/V weight gradients.
     forward = step_flops("show1-base-arch", 8, 40, 64, backward=False)
     assert forward == pytest.approx(5.235e12, rel=1e-3)

@@ -24,6 +24,8 @@ from vmc_fast.studies.evaluation import (
     paired_difference,
     run_eval,
     score,
+    summarize,
+    verdict,
 )
 from vmc_fast.toy import world as toyworld
 from vmc_fast.toy.examples import (
@@ -92,31 +94,47 @@ def test_score_rewards_the_asked_appearance_on_the_reference_motion():
     assert wrong["colour_adherence"] == 1.0
 
 
-def test_findings_state_both_claims_whichever_way_they_go():
-    summary = {"no-tuning": {"motion_fidelity": 0.4, "colour_adherence": 0.2, "colour_leak": 0.5},
-               "cos": {"motion_fidelity": 0.7, "colour_adherence": 0.6, "colour_leak": 0.1},
-               "eps-mse": {"motion_fidelity": 0.8, "colour_adherence": 0.3, "colour_leak": 0.6}}
-    lines = findings(summary)
-    assert "holds here (cos 0.700 vs no tuning 0.400)" in lines[0]
-    assert ": holds here" in lines[1]
-    summary["cos"].update(motion_fidelity=0.3, colour_adherence=0.1)
-    assert all("does not hold" in line for line in findings(summary))
-    assert findings({"cos": summary["cos"]}) == []
+def _case(variant, look, value, start="noise", key="motion_fidelity"):
+    return {"variant": variant, "start": start, "motion": "zigzag", "seed": 0, "prompt": f"look {look}", key: value}
 
 
-def test_findings_say_whether_a_paired_difference_is_beyond_noise():
-    def case(variant, i, fidelity):
-        return {"variant": variant, "motion": "zigzag", "seed": 0, "prompt": f"look {i}", "motion_fidelity": fidelity,
-                "colour_adherence": 0.5, "colour_leak": 0.0}
+def _findings_for(samples):
+    summary = summarize(samples, ["no-tuning", "cos"], ["zigzag"], ["noise"])
+    return findings(summary, samples)
 
-    summary = {"no-tuning": {"motion_fidelity": 0.5}, "cos": {"motion_fidelity": 0.6}}
-    steady = [case("no-tuning", i, 0.5 + 0.01 * i) for i in range(4)] + \
-             [case("cos", i, 0.6 + 0.01 * i + 0.001 * (i % 2)) for i in range(4)]
-    assert paired_difference(steady, "cos", "no-tuning", "motion_fidelity")[2] == 4
-    assert "paired difference +0.100" in findings(summary, steady)[0] and "beyond 2 s.e." in findings(summary, steady)[0]
-    noisy = [case("no-tuning", i, 0.5) for i in range(4)] + [case("cos", i, [0.9, 0.2, 0.9, 0.4][i]) for i in range(4)]
-    assert "within 2 s.e." in findings(summary, noisy)[0]
-    assert paired_difference(noisy[:1] + noisy[4:5], "cos", "no-tuning", "motion_fidelity") is None
+
+def test_findings_say_holds_only_beyond_two_standard_errors():
+    # cos beats no-tuning by 0.2 in every case, with a little spread: far beyond 2 s.e.
+    steady = [_case("no-tuning", i, 0.3 + 0.01 * i) for i in range(6)] + \
+             [_case("cos", i, 0.5 + 0.01 * i + 0.002 * (i % 2)) for i in range(6)]
+    assert paired_difference(steady, "cos", "no-tuning", "motion_fidelity", "noise")[2] == 6
+    [line] = _findings_for(steady)
+    assert line.startswith("From noise: Tuning (cos) beats the untuned model on motion fidelity: holds (")
+    assert "paired difference +0.201, s.e. 0.000, n 6" in line
+
+
+def test_findings_say_not_shown_within_two_standard_errors():
+    noisy = [_case("no-tuning", i, 0.5) for i in range(6)] + \
+            [_case("cos", i, v) for i, v in enumerate([0.9, 0.2, 0.8, 0.3, 0.6, 0.4])]
+    [line] = _findings_for(noisy)
+    assert ": not shown (" in line and "n 6" in line
+
+
+def test_findings_say_reversed_when_significant_the_other_way():
+    worse = [_case("no-tuning", i, 0.6 + 0.01 * i) for i in range(6)] + \
+            [_case("cos", i, 0.3 + 0.01 * i) for i in range(6)]
+    assert ": reversed (" in _findings_for(worse)[0]
+    # colour leak: lower is better, so cos leaking less than eps-mse holds
+    leak = [_case("eps-mse", i, 0.8, key="colour_leak") for i in range(6)] + \
+           [_case("cos", i, 0.1 + 0.01 * i, key="colour_leak") for i in range(6)]
+    assert verdict(paired_difference(leak, "cos", "eps-mse", "colour_leak", "noise"), higher_is_better=False) == "holds"
+
+
+def test_findings_pair_only_cases_of_the_same_start():
+    mixed = [_case("no-tuning", i, 0.3, start="inversion") for i in range(6)] + \
+            [_case("cos", i, 0.9, start="noise") for i in range(6)]
+    assert paired_difference(mixed, "cos", "no-tuning", "motion_fidelity") is None
+    assert ": not shown (" in _findings_for(mixed)[0] and "fewer than 2 paired cases" in _findings_for(mixed)[0]
 
 
 def test_spatial_variant_tunes_spatial_attention_only():
@@ -144,7 +162,7 @@ def test_eval_config_names_the_bad_option(kwargs, field):
 @pytest.fixture(scope="module")
 def small_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    cfg = EvalConfig(variants=("no-tuning", "cos", "spatial"), motions=("zigzag",), samples=2, steps=3,
+    cfg = EvalConfig(variants=("no-tuning", "cos", "spatial"), motions=("zigzag",), samples=2, seeds=(0,), steps=3,
                      inference_steps=3, clip_model="tiny-random", out_dir=str(out),
                      cache_dir=str(out / "cache"))
     calls = []
@@ -154,31 +172,58 @@ def small_report(tmp_path_factory):
 
 def test_eval_scores_every_variant_and_writes_its_files(small_report):
     cfg, report, calls, out = small_report
-    assert [s["variant"] for s in report["samples"]] == ["no-tuning"] * 2 + ["cos"] * 2 + ["spatial"] * 2
+    per_variant = ["inversion"] * 2 + ["noise"] * 2  # two looks from each start
+    assert [(s["variant"], s["start"]) for s in report["samples"]] == \
+        [(v, start) for v in ("no-tuning", "cos", "spatial") for start in per_variant]
     for sample in report["samples"]:
         assert 0 <= sample["motion_fidelity"] <= 1 and -1 <= sample["clip_text_alignment"] <= 1
+        assert 0 <= sample["background_adherence"] <= 1
         assert sample["target"]["colour"] != "red"  # the zigzag reference is red
-    assert report["samples"][0]["tune_seconds"] is None and report["samples"][2]["tune_seconds"] > 0
-    assert calls[-1][1] == calls[-1][2] == 3 * 3 + 2 * (3 + 3 * 3)  # no-tuning has no tuning steps
+    assert report["samples"][0]["tune_seconds"] is None and report["samples"][4]["tune_seconds"] > 0
+    # per variant: tuning (3 steps, none untuned) + one inversion (3) + 2 looks x 2 starts x 3 sampling steps
+    assert calls[-1][1] == calls[-1][2] == 3 * (3 + 2 * 2 * 3) + 2 * 3
     assert [d for _, d, _ in calls] == sorted(d for _, d, _ in calls)
 
     saved = json.loads((out / "eval.json").read_text())
-    assert saved["summary"].keys() == {"no-tuning", "cos", "spatial"}
-    assert saved["summary"]["cos"]["samples"] == 2 and saved["model_training"]["steps"] > 0
+    assert saved["summary"].keys() == {"inversion", "noise"}
+    assert saved["summary"]["noise"].keys() == {"no-tuning", "cos", "spatial"}
+    assert saved["summary"]["noise"]["cos"]["samples"] == 2 and saved["model_training"]["steps"] > 0
     table = (out / "eval.md").read_text()
     assert table == markdown(saved)
+    assert "## From inversion" in table and "## From noise" in table
     assert all(f"| {name} |" in table for name in ("no-tuning", "cos", "spatial"))
     image = Image.open(out / "eval.png")
-    assert image.size[1] == 4 * 32 * 3  # reference + 3 variants, frames scaled 3x
+    assert image.size[1] == (1 + 3 * 2) * 32 * 3  # reference + 3 variants x 2 starts, frames scaled 3x
     assert not list(out.glob(".*tmp*"))
 
 
 def test_untuned_rows_are_identical_and_tuned_rows_differ(small_report):
     _, report, _, _ = small_report
-    rows = {s["variant"]: s for s in report["samples"][::2]}
+    rows = {s["variant"]: s for s in report["samples"][::4]}
     # same inversion + sampling path; only the tuned weights differ (3 steps move them a little)
     assert rows["no-tuning"]["prompt"] == rows["cos"]["prompt"] == rows["spatial"]["prompt"]
     assert rows["cos"]["final_loss"] is not None and rows["no-tuning"]["final_loss"] is None
+
+
+def test_a_noise_start_never_touches_the_reference_clip_and_every_row_draws_the_same_noise(tmp_path, monkeypatch):
+    from vmc_fast.studies import evaluation
+
+    starts = []
+    monkeypatch.setattr(evaluation, "invert_clip", lambda *a, **k: pytest.fail("a noise start inverted the clip"))
+    real_sample = evaluation.sample_frames
+
+    def recording_sample(backbone, x_T, *args, **kwargs):
+        starts.append(x_T.clone())
+        return real_sample(backbone, x_T, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "sample_frames", recording_sample)
+    cfg = EvalConfig(variants=("no-tuning", "cos"), motions=("zigzag",), starts=("noise",), samples=2, seeds=(0,),
+                     steps=2, inference_steps=2, out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    report = run_eval(cfg)
+    assert {s["start"] for s in report["samples"]} == {"noise"} and len(starts) == 4
+    untuned, tuned = starts[:2], starts[2:]
+    assert all(torch.equal(a, b) for a, b in zip(untuned, tuned))  # the same draw for the same look in each row
+    assert not torch.equal(untuned[0], untuned[1])  # and another for another look
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -196,11 +241,22 @@ def test_demo_cli_tunes_renders_and_scores(tmp_path):
     assert re.search(r"zigzag.*: (\d+)/\1 UNet calls, \d+ s elapsed, ETA 0.0 min", result.output), result.output
     tensors, info = read_adapter(out / "adapters" / "zigzag.safetensors")
     assert info.base_model == "toy" and info.prompt == "a circle moving in a zigzag" and info.steps == 3
-    frames = load_clip(out / "demo.gif", FrameSampling(num_frames=8, height=32, width=3 * 32 + 2 * 2,
+    from vmc_fast.studies import demo
+
+    tile_h, tile_w = demo.LABEL_HEIGHT + 32 * demo.SCALE, 32 * demo.SCALE
+    size = (2 * tile_h + demo.GAP, 5 * tile_w + 4 * demo.GAP)  # 2 looks; reference + 4 videos each
+    frames = load_clip(out / "demo.gif", FrameSampling(num_frames=8, height=size[0], width=size[1],
                                                        resize="squash"))
-    assert frames.shape == (3, 8, 32, 100)
+    assert frames.shape == (3, 8, *size)
+    _, reference = held_out_example("zigzag")
+    reference_tile = frames[:, :, demo.LABEL_HEIGHT:tile_h, :tile_w]  # the top-left video, under its label
+    upscaled = reference.frames.repeat_interleave(demo.SCALE, 2).repeat_interleave(demo.SCALE, 3)
+    assert (reference_tile - upscaled).abs().mean() < 0.05  # gif palette rounding only
     record = json.loads((out / "demo.json").read_text())
-    assert len(record["samples"]) == 2 and record["adapter"].endswith("zigzag.safetensors")
+    assert len(record["samples"]) == 2 * 2 * 2 and record["adapter"].endswith("zigzag.safetensors")
+    assert {(s["variant"], s["start"]) for s in record["samples"]} == \
+        {(v, st) for v in ("no-tuning", "cos") for st in ("inversion", "noise")}
+    assert "untuned / tuned" in result.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -232,5 +288,5 @@ def test_readme_demo_command_runs_on_cpu(tmp_path):
                           timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((out / "demo.json").read_text())
-    assert len(record["samples"]) == 3 and (out / "demo.gif").stat().st_size > 0
+    assert len(record["samples"]) == 3 * 2 * 2 and (out / "demo.gif").stat().st_size > 0
     assert all(0 <= s["motion_fidelity"] <= 1 for s in record["samples"])

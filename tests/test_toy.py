@@ -193,3 +193,28 @@ def test_missing_weights_raise_with_the_fix(finished_runs, tmp_path, monkeypatch
     monkeypatch.setenv(toy.TOY_DIR_ENV, str(tmp_path))
     with pytest.raises(VmcError, match=r"unet\.safetensors is missing.*toy-pretrain"):
         load_backbone("toy")
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    constant = pretrain_toy.PretrainConfig(out="unused", steps=1000, lr=1e-3, warmup_steps=100)
+    assert pretrain_toy.learning_rate(constant, 0) == pytest.approx(1e-5)
+    assert pretrain_toy.learning_rate(constant, 99) == pytest.approx(1e-3)
+    assert pretrain_toy.learning_rate(constant, 999) == pytest.approx(1e-3)
+    cosine = dataclasses.replace(constant, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert pretrain_toy.learning_rate(cosine, 100) == pytest.approx(1e-3)
+    assert pretrain_toy.learning_rate(cosine, 549) == pytest.approx(0.55e-3, rel=1e-2)  # half-way
+    assert pretrain_toy.learning_rate(cosine, 999) == pytest.approx(1e-4)
+    rates = [pretrain_toy.learning_rate(cosine, step) for step in range(100, 1000)]
+    assert rates == sorted(rates, reverse=True)
+
+
+@pytest.mark.slow
+def test_rendering_in_worker_processes_changes_nothing(tmp_path):
+    """Batches depend only on (seed, step), so rendering them ahead in workers gives the same run."""
+    alone = pretrain_toy.pretrain(dataclasses.replace(_tiny_config(tmp_path, "alone", 2), data_workers=0),
+                                  log=_quiet)
+    workers = pretrain_toy.pretrain(dataclasses.replace(_tiny_config(tmp_path, "workers", 2), data_workers=2),
+                                    log=_quiet)
+    assert [h["loss"] for h in alone.history] == [h["loss"] for h in workers.history]
+    for a, b in zip(alone.unet.parameters(), workers.unet.parameters()):
+        assert torch.equal(a, b)

@@ -294,6 +294,7 @@ def _demo(cfg, console: Console) -> None:
     from vmc_fast.reporting import scores_table, units_progress
     from vmc_fast.studies.demo import run_demo
 
+    console = Console(width=None if sys.stdout.isatty() else 200)  # the side-by-side table is wide
     try:
         console.print(f"[bold]vmc-fast demo[/]: tune the toy model on the shipped [cyan]{cfg.motion}[/] clip "
                       f"({cfg.steps} steps), then render it with {cfg.samples} new appearances")

@@ -126,27 +126,36 @@ def _score(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+DEMO_SCORES = ("motion_fidelity", "colour_adherence", "shape_adherence", "background_adherence", "colour_leak")
+
+
 def scores_table(samples: list[dict], title: str = "") -> Table:
-    """One row per generated video of `vmc-fast demo`: its prompt and scores."""
+    """`vmc-fast demo`: per look and start, each score of the untuned and the tuned model side by side."""
     table = Table(title=title or None)
-    keys = ("motion_fidelity", "colour_adherence", "shape_adherence", "colour_leak", "temporal_consistency")
-    for column in ("prompt", *(k.replace("_", " ") for k in keys)):
-        table.add_column(column, justify="left" if column == "prompt" else "right")
+    table.add_column("prompt")
+    table.add_column("start")
+    for key in DEMO_SCORES:
+        table.add_column(f"{key.replace('_', ' ')}\nuntuned / tuned", justify="right")
+    by_case = {}
     for s in samples:
-        table.add_row(s["prompt"], *(_score(s.get(k)) for k in keys))
+        by_case.setdefault((s["prompt"], s.get("start", "inversion")), {})[s["variant"]] = s
+    for (prompt, start), rows in by_case.items():
+        untuned, tuned = rows.get("no-tuning", {}), rows.get("cos", {})
+        table.add_row(prompt, start, *(f"{_score(untuned.get(k))} / {_score(tuned.get(k))}" for k in DEMO_SCORES))
     return table
 
 
 def eval_table(summary: dict) -> Table:
-    """One row per variant of `vmc-fast eval`: mean scores over all samples."""
-    keys = [k for k in ("motion_fidelity", "colour_adherence", "shape_adherence", "colour_leak",
-                        "temporal_consistency", "clip_text_alignment", "clip_frame_consistency")
-            if any(entry.get(k) is not None for entry in summary.values())]
+    """`vmc-fast eval`: one row per start and variant, mean scores over its samples."""
+    keys = [k for k in ("motion_fidelity", "colour_adherence", "shape_adherence", "background_adherence",
+                        "colour_leak", "temporal_consistency", "clip_text_alignment", "clip_frame_consistency")
+            if any(entry.get(k) is not None for rows in summary.values() for entry in rows.values())]
     table = Table(title="vmc-fast eval: means over samples (colour leak: lower is better)")
-    for column in ("variant", *(k.replace("_", " ") for k in keys), "samples"):
-        table.add_column(column, justify="left" if column == "variant" else "right")
-    for name, entry in summary.items():
-        table.add_row(name, *(_score(entry[k]) for k in keys), str(entry["samples"]))
+    for column in ("start", "variant", *(k.replace("_", " ") for k in keys), "samples"):
+        table.add_column(column, justify="left" if column in ("start", "variant") else "right")
+    for start, rows in summary.items():
+        for name, entry in rows.items():
+            table.add_row(start, name, *(_score(entry[k]) for k in keys), str(entry["samples"]))
     return table
 
 

@@ -13,9 +13,13 @@ Parts, in order (default: all):
   profile-fast-eager.txt (the operators that take the device's time, and the kernel launches per step).
 - ``bench``: ``vmc-fast bench`` on show1-base-arch at 8x40x64, the paper preset beside ours and the one-lever
   ablations in one invocation -> bench.log, bench-cuda.jsonl (one JSON record per finished preset).
+- ``toy`` (not in the default list; run it as ``run.sh setup,toy``): pretrains the toy model for as many steps as
+  fit its budget (measured first, so the run is an exact, reproducible command), exports the weights and runs
+  `vmc-fast eval` on them (no-tuning and cos, from noise and from inversion) -> toy.tar: the exported weights with
+  their README (the command), the eval's files and the logs.
 
 Files in OUT (at most 8 come back from the device tool): summary.txt, setup.log, tests.log, profile.log,
-profile-fast-eager.txt, bench.log, bench-cuda.jsonl.
+profile-fast-eager.txt, bench.log, bench-cuda.jsonl; toy.tar for the toy part.
 
 ``--dry-run`` (on the CPU) checks what can be checked without a GPU: the wheel list against .whl/ and the 64 MiB
 carry limit, that pytest collects the gpu tests, that the bench accepts every preset and option the part passes;
@@ -89,6 +93,7 @@ PARTS = {p.name: p for p in (
     Part("tests", 170, "pytest -m gpu"),
     Part("profile", 60, "torch.profiler over 3 steps of fast-eager on show1-base-arch"),
     Part("bench", 240, "vmc-fast bench on show1-base-arch"),
+    Part("toy", 480, "pretrain the toy model within the budget, export it, evaluate it (run alone: run.sh setup,toy)"),
 )}
 
 
@@ -280,7 +285,68 @@ def _last_line(log: Path) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-PART_FUNCTIONS = {"setup": part_setup, "tests": part_tests, "profile": part_profile, "bench": part_bench}
+TOY_PRETRAIN = ["--batch-size", "64", "--lr", "5e-4", "--warmup-steps", "200", "--lr-schedule", "cosine",
+                "--loss-weighting", "v", "--log-every", "50"]
+"""Pretraining settings of the toy part (besides --steps, which the measured rate decides)."""
+TOY_EVAL_SECONDS = 150
+"""Of the toy part's budget, what the export and the evaluation after pretraining need."""
+
+
+def part_toy(runner: Runner, budget_s: float) -> tuple[str, str]:
+    """Calibrate (30 steps), pretrain for as many steps as fit, export, evaluate; everything into OUT/toy.tar."""
+    import tarfile
+
+    log, work = runner.out / "toy.log", Path("/tmp/vmc-fast-toy")
+    cli = [sys.executable, "-m", "vmc_fast.cli"]
+    pretrain = [*cli, "toy-pretrain", *TOY_PRETRAIN, "--device", "cuda"]
+    evaluation = [*cli, "eval", "--model", "toy", "--variants", "no-tuning,cos", "--starts", "inversion,noise",
+                  "--device", "cuda", "--out", str(work / "eval")]
+    if runner.dry_run:
+        checks = [_check_cli_options(runner, [*pretrain, "--out", "x", "--steps", "1", "--export-dir", "y"], log),
+                  _check_cli_options(runner, evaluation, runner.out / "toy-eval-help.log")]
+        failed = [detail for status, detail in checks if status != "ok"]
+        return ("failed", "; ".join(failed)) if failed else ("ok", "; ".join(detail for _, detail in checks))
+    deadline = time.monotonic() + budget_s
+    calibration = [*pretrain, "--out", str(work / "calibration"), "--steps", "40", "--log-every", "10"]
+    status, _ = runner.run(calibration, log, min(120.0, budget_s / 3))
+    rates = [float(line.split(" steps/s")[0].split()[-1]) for line in log.read_text().splitlines()
+             if " steps/s" in line]
+    if status != 0 or not rates:
+        return "failed", f"calibration did not run: {_last_line(log)}"
+    train_s = deadline - time.monotonic() - TOY_EVAL_SECONDS
+    steps = max(100, int(rates[-1] * train_s) // 100 * 100)
+    run_dir, export_dir, eval_dir = work / "run", work / "weights", work / "eval"
+    command = [*pretrain, "--out", str(run_dir), "--steps", str(steps), "--checkpoint-every", "200", "--export",
+               "--export-dir", str(export_dir)]
+    status, seconds = runner.run(command, log, train_s + 30, append=True)
+    if status != 0:  # cut short: ship the last checkpoint (its README says how many steps it reached)
+        runner.run([*cli, "toy-pretrain", "--out", str(run_dir), "--export-only", "--export-dir", str(export_dir)],
+                   log, 60, append=True)
+    os.environ["VMC_FAST_TOY_DIR"] = str(export_dir)  # runner.env() copies os.environ for the eval
+    runner.run(evaluation, log, max(30.0, deadline - time.monotonic() - 10), append=True)
+    with tarfile.open(runner.out / "toy.tar", "w") as tar:
+        for path in (export_dir, eval_dir, log):
+            if path.exists():
+                tar.add(path, arcname=path.name)
+    return ("ok" if (eval_dir / "eval.md").is_file() else "failed"), \
+        f"{steps} steps planned at {rates[-1]:.2f} steps/s; pretraining {'finished' if status == 0 else 'cut'}"
+
+
+def _check_cli_options(runner: Runner, command: list[str], log: Path) -> tuple[str, str]:
+    """Dry run: the command's options exist (its --help lists them)."""
+    name = command[3]
+    status, _ = runner.run([*command[:4], "--help"], log, 60)
+    help_text = log.read_text()
+    unknown = [arg for arg in command[4:] if arg.startswith("--") and arg not in help_text]
+    if status != 0 or unknown:
+        return "failed", f"vmc-fast {name}: unknown options {unknown}, help exit {status}"
+    return "ok", f"vmc-fast {name} accepts {' '.join(a for a in command[4:] if a.startswith('--'))}"
+
+
+PART_FUNCTIONS = {"setup": part_setup, "tests": part_tests, "profile": part_profile, "bench": part_bench,
+                  "toy": part_toy}
+DEFAULT_PARTS = ("setup", "tests", "profile", "bench")
+"""What `run.sh` runs without PARTS; `toy` needs a slot of its own."""
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -293,8 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  bash benchmarks/gpu/run.sh --out $OUT           # on the GPU machine: every part\n"
                "  bash benchmarks/gpu/run.sh setup,bench --out $OUT --budget bench=300",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", help=f"comma- or space-separated parts (default: all): "
-                                                 f"{', '.join(PARTS)}")
+    parser.add_argument("parts", nargs="*", help=f"comma- or space-separated parts (default: "
+                                                 f"{', '.join(DEFAULT_PARTS)}; also: toy): {', '.join(PARTS)}")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results (default: $OUT, else "
                                                                 "benchmarks/gpu/out)")
     parser.add_argument("--dry-run", action="store_true", help="check everything a CPU can check; run nothing "
@@ -302,7 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", action="append", default=[], metavar="PART=SECONDS",
                         help="override one part's time budget")
     args = parser.parse_args(argv)
-    names = [n for arg in args.parts for n in arg.split(",") if n] or list(PARTS)
+    names = [n for arg in args.parts for n in arg.split(",") if n] or list(DEFAULT_PARTS)
     unknown = [n for n in names if n not in PARTS]
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")

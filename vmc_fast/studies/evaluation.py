@@ -1,19 +1,21 @@
-"""`vmc-fast eval`: does tuning transfer motion? Measured in the toy world, where every track is known.
+"""`vmc-fast eval`: does an adapter carry a motion to new appearances? Measured in the toy world, where every
+track is known.
 
-For each held-out motion (one the toy model never saw in pretraining) the shipped example clip is the
-reference. Every variant below tunes on it (or not), inverts it with its own UNet, and samples it again with
-new appearances: a shape, colour and background the reference does not have. Each generated video is scored
-against the reference's exact track (`vmc_fast.studies.metrics`):
+For each held-out motion (one the toy model never saw in pretraining) the shipped example clip is the reference.
+Every variant tunes on it (or not), then renders new appearances (a shape, colour and background the reference
+does not have) from two starting points:
 
-- motion fidelity: the generated object's track (colour segmentation) against the reference track;
-- colour / shape adherence: is the object the asked colour and shape;
-- colour leak: does the *reference's* colour show instead (appearance copied along with the motion);
-- temporal consistency, and CLIP text alignment / frame consistency when a CLIP model is given.
+- ``inversion``: the paper's inference, sampling from the DDIM inversion of the reference clip. The inversion alone
+  already carries much of the motion, so this start cannot tell whether the adapter learned it.
+- ``noise``: fresh Gaussian noise, the same draw for every variant (seeded by motion, seed and look), so only the
+  adapter can carry a motion the model never saw.
 
-The variants are one table row each: no tuning (inversion only), the four losses on temporal Q/K/V, the cosine
-loss on spatial instead of temporal attention, and the faithful caption instead of the appearance-invariant one.
-Results go to OUT/eval.md (tables), OUT/eval.json (every sample, the config, machine and git sha) and
-OUT/eval.png (frames), all written atomically.
+Each video is scored against the reference's exact track (`vmc_fast.studies.metrics`): motion fidelity; colour,
+shape and background adherence (is the object what was asked, on the asked background); colour leak (the
+*reference's* colour shown instead); temporal consistency; CLIP text alignment and frame consistency with a CLIP
+model. Claims are paired differences over the cases two rows share (motion, seed, look and start) and say "holds"
+only beyond two standard errors. Results go to OUT/eval.md, OUT/eval.json (every sample, the config, machine and
+git sha) and OUT/eval.png, all written atomically.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -67,7 +70,7 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("no-tuning", "inversion only, untuned model", tune=False),
+    Variant("no-tuning", "the untuned model", tune=False),
     Variant("cos", "VMC: cosine motion distillation on temporal Q/K/V, motion-only prompt"),
     Variant("l2", "l2 between frame residuals", loss="l2"),
     Variant("cos-frames-abs", "cosine on absolute per-frame noise", loss="cos-frames-abs"),
@@ -76,9 +79,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("faithful-prompt", "cosine loss with the full caption (appearance words kept)", prompt="full"),
 )}
 
-SCORE_KEYS = ("motion_fidelity", "colour_adherence", "shape_adherence", "colour_leak", "temporal_consistency",
-              "clip_text_alignment", "clip_frame_consistency")
+SCORE_KEYS = ("motion_fidelity", "colour_adherence", "shape_adherence", "background_adherence", "colour_leak",
+              "temporal_consistency", "clip_text_alignment", "clip_frame_consistency")
 """Per-sample scores averaged in the table (CLIP ones only with a CLIP model)."""
+
+STARTS = ("inversion", "noise")
+"""Where sampling starts: the DDIM inversion of the reference clip (the paper), or fresh Gaussian noise."""
 
 ProgressCallback = Callable[[str, int, int], None]
 """progress(label, units_done, units_total): units are UNet calls (tuning steps and denoising steps)."""
@@ -96,9 +102,12 @@ class EvalConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
     """Comma-separated rows (default: all): no-tuning, cos, l2, cos-frames-abs, eps-mse, spatial,
     faithful-prompt."""
+    starts: tuple[str, ...] = STARTS
+    """Comma-separated starting points of sampling: inversion (DDIM inversion of the reference clip, the paper's)
+    and noise (fresh Gaussian noise: only the adapter can carry the motion)."""
     samples: int = 3
     """New appearances per motion and seed."""
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1)
     """Comma-separated seeds; each tunes again (timesteps and noise) and draws other new appearances."""
     steps: int = RECIPE.steps
     """Tuning steps per variant and clip (paper: 400)."""
@@ -110,8 +119,9 @@ class EvalConfig:
     """Classifier-free guidance (paper: 9.0 for Show-1)."""
     clip_model: str | None = None
     """CLIP hub id or folder for the CLIP metrics (tiny-random: an untrained tiny CLIP, for smoke runs)."""
-    out_dir: str = field(default="benchmarks/eval", metadata=option("--out"))
-    """Folder for eval.md, eval.json, eval.png."""
+    out_dir: str = field(default="runs/eval", metadata=option("--out"))
+    """Folder for eval.md, eval.json, eval.png (the committed results are benchmarks/eval: pass it to replace
+    them)."""
     device: str = "cpu"
     """cpu | cuda."""
     cache_dir: str = field(default_factory=default_cache_dir)
@@ -121,6 +131,9 @@ class EvalConfig:
         unknown = [m for m in self.motions if m not in world.HELD_OUT_MOTIONS]
         check_field(bool(self.motions) and not unknown, "--motions",
                     f"{', '.join(unknown) or 'none given'}: choose from {', '.join(world.HELD_OUT_MOTIONS)}")
+        unknown = [s for s in self.starts if s not in STARTS]
+        check_field(bool(self.starts) and not unknown, "--starts",
+                    f"{', '.join(unknown) or 'none given'}: choose from {', '.join(STARTS)}")
         unknown = [v for v in self.variants if v not in VARIANTS]
         check_field(bool(self.variants) and not unknown, "--variants",
                     f"{', '.join(unknown) or 'none given'}: choose from {', '.join(VARIANTS)}")
@@ -162,8 +175,15 @@ def new_appearances(reference: world.ClipSpec, count: int, seed: int) -> list[wo
 
 
 def unet_calls(cfg: EvalConfig, variant: Variant) -> int:
-    """UNet calls of one (variant, motion, seed) job, for the progress bar."""
-    return (cfg.steps if variant.tune else 0) + cfg.inference_steps * (1 + cfg.samples)
+    """UNet calls of one (variant, motion, seed) job, for the progress bar: tuning, the inversion (once), and
+    sampling every look from every start."""
+    inversion = cfg.inference_steps if "inversion" in cfg.starts else 0
+    return (cfg.steps if variant.tune else 0) + inversion + cfg.inference_steps * cfg.samples * len(cfg.starts)
+
+
+def noise_seed(motion: str, seed: int, look: int) -> int:
+    """The seed of look `look`'s starting noise: shared by every variant, so rows compare on the same draws."""
+    return zlib.crc32(f"{motion}/{seed}/{look}".encode())
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -194,7 +214,8 @@ def run_eval(cfg: EvalConfig, progress: ProgressCallback | None = None) -> dict:
 
                 job = tune_and_generate(cfg, session, variant, seed, path, reference, clip_scorer, tick)
                 samples.extend(job["samples"])
-                figure.setdefault(motion, {})[name] = job["frames"][0]
+                for start_name, videos in job["frames"].items():
+                    figure.setdefault(motion, {}).setdefault(f"{name}, {start_name}", videos[0])
             del session
     report = _report(cfg, samples, time.perf_counter() - start)
     write_outputs(report, figure, references, Path(cfg.out_dir))
@@ -203,10 +224,10 @@ def run_eval(cfg: EvalConfig, progress: ProgressCallback | None = None) -> dict:
 
 def tune_and_generate(cfg: EvalConfig, session, variant: Variant, seed: int, path: Path, reference: world.Clip,
                       clip_scorer, tick: Callable[[int], None], adapter_path: Path | None = None) -> dict:
-    """Tune one variant on one reference (or not), invert it once, sample every new appearance, score them.
+    """Tune one variant on one reference (or not), then render every new appearance from every start and score it.
 
-    Returns {"samples": one record per new appearance, "frames": their (3, F, H, W) videos}. The adapter is
-    written to `adapter_path` when the session writes adapters.
+    Returns {"samples": one record per look and start, "frames": {start: the (3, F, H, W) videos, one per look}}.
+    The adapter is written to `adapter_path` when the session writes adapters.
     """
     prompt = reference.motion_caption if variant.prompt == "motion" else reference.caption
     targets = new_appearances(reference.spec, cfg.samples, seed)
@@ -222,19 +243,28 @@ def tune_and_generate(cfg: EvalConfig, session, variant: Variant, seed: int, pat
         session.reset_trainable()
     backbone, device = session.backbone, session.device
     empty = embeddings[""].unsqueeze(0).to(device)
-    x_T = invert_clip(backbone, session.load_input(path), empty, cfg.inference_steps, on_step=lambda *_: tick(1))
-    records, frames_list = [], []
-    for spec, caption in zip(targets, captions):
-        cond = embeddings[caption].unsqueeze(0).to(device)
-        frames = sample_frames(backbone, x_T, cond, empty, cfg.inference_steps, cfg.guidance_scale,
-                               on_step=lambda *_: tick(1))
-        frames_list.append(frames)
-        records.append({"variant": variant.name, "motion": reference.spec.motion, "seed": seed, "prompt": caption,
-                        "tuning_prompt": prompt, "target": {"shape": spec.shape, "colour": spec.colour,
-                                                            "background": spec.background},
-                        "tune_seconds": tune_seconds, "final_loss": final_loss,
-                        **score(frames, reference, spec, clip_scorer)})
-    return {"samples": records, "frames": frames_list}
+    clip = session.load_input(path)
+    starts = {}
+    if "inversion" in cfg.starts:
+        inverted = invert_clip(backbone, clip, empty, cfg.inference_steps, on_step=lambda *_: tick(1))
+        starts["inversion"] = lambda look: inverted
+    if "noise" in cfg.starts:
+        starts["noise"] = lambda look: torch.randn(
+            clip.shape, generator=torch.Generator().manual_seed(noise_seed(reference.spec.motion, seed, look))
+        ).to(device)
+    records, frames = [], {start: [] for start in starts}
+    for start, x_T in starts.items():
+        for look, (spec, caption) in enumerate(zip(targets, captions)):
+            cond = embeddings[caption].unsqueeze(0).to(device)
+            video = sample_frames(backbone, x_T(look), cond, empty, cfg.inference_steps, cfg.guidance_scale,
+                                  on_step=lambda *_: tick(1))
+            frames[start].append(video)
+            records.append({"variant": variant.name, "start": start, "motion": reference.spec.motion, "seed": seed,
+                            "look": look, "prompt": caption, "tuning_prompt": prompt,
+                            "target": {"shape": spec.shape, "colour": spec.colour, "background": spec.background},
+                            "tune_seconds": tune_seconds, "final_loss": final_loss,
+                            **score(video, reference, spec, clip_scorer)})
+    return {"samples": records, "frames": frames}
 
 
 def score(frames: torch.Tensor, reference: world.Clip, target: world.ClipSpec, clip_scorer=None) -> dict:
@@ -245,7 +275,8 @@ def score(frames: torch.Tensor, reference: world.Clip, target: world.ClipSpec, c
     asked = metrics.appearance_adherence(frames, target.colour, target.shape)
     leak = metrics.appearance_adherence(frames, reference.spec.colour).colour
     scores = {**{k: _finite(v) for k, v in report.items()}, "colour_adherence": asked.colour,
-              "shape_adherence": _finite(asked.shape), "colour_leak": leak}
+              "shape_adherence": _finite(asked.shape), "colour_leak": leak,
+              "background_adherence": metrics.background_adherence(frames, target.background)}
     if clip_scorer is not None:
         clip = clip_scorer(frames, world.captions(target)[0])
         scores.update(clip_text_alignment=clip.text_alignment, clip_frame_consistency=clip.frame_consistency)
@@ -275,57 +306,97 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(samples: list[dict], variants: list[str], motions: list[str]) -> dict:
-    """{variant: {score: mean over every sample, "per_motion": {motion: motion fidelity}, "samples": n}}."""
+def summarize(samples: list[dict], variants: list[str], motions: list[str],
+              starts: list[str] = list(STARTS)) -> dict:
+    """{start: {variant: {score: mean over its samples, "per_motion": {motion: motion fidelity}, "samples": n}}}."""
     summary = {}
-    for name in variants:
-        rows = [s for s in samples if s["variant"] == name]
-        entry = {key: _mean([r.get(key) for r in rows]) for key in SCORE_KEYS}
-        entry["per_motion"] = {m: _mean([r["motion_fidelity"] for r in rows if r["motion"] == m]) for m in motions}
-        entry["tune_seconds"] = _mean([r["tune_seconds"] for r in rows])
-        entry["samples"] = len(rows)
-        summary[name] = entry
+    for start in starts:
+        summary[start] = {}
+        for name in variants:
+            rows = [s for s in samples if s["variant"] == name and s.get("start", "inversion") == start]
+            entry = {key: _mean([r.get(key) for r in rows]) for key in SCORE_KEYS}
+            entry["per_motion"] = {m: _mean([r.get("motion_fidelity") for r in rows if r["motion"] == m])
+                                   for m in motions}
+            entry["tune_seconds"] = _mean([r.get("tune_seconds") for r in rows])
+            entry["samples"] = len(rows)
+            summary[start][name] = entry
     return summary
 
 
-def findings(summary: dict, samples: list[dict] | None = None) -> list[str]:
-    """The two claims the evaluation checks, stated with the numbers, whichever way they go.
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper, checked as a paired difference between two rows."""
 
-    With the samples, each line also gives the paired difference behind it (same motion, seed and asked
-    appearance in both rows) and whether it is beyond two standard errors.
-    """
+    text: str
+    """What the paper says, as a sentence."""
+    better: str
+    """The variant the claim favours."""
+    worse: str
+    """The variant it is compared with."""
+    key: str
+    """The score compared."""
+    higher_is_better: bool = True
+    """False for colour leak."""
+
+
+CLAIMS = (
+    Claim("Tuning (cos) beats the untuned model on motion fidelity", "cos", "no-tuning", "motion_fidelity"),
+    Claim("The cosine loss beats l2 on motion fidelity", "cos", "l2", "motion_fidelity"),
+    Claim("The cosine loss beats the absolute-frames cosine on motion fidelity", "cos", "cos-frames-abs",
+          "motion_fidelity"),
+    Claim("The motion loss shows the asked colour more than eps-mse", "cos", "eps-mse", "colour_adherence"),
+    Claim("The motion loss leaks the reference's colour less than eps-mse", "cos", "eps-mse", "colour_leak",
+          higher_is_better=False),
+    Claim("Temporal attention beats spatial attention on motion fidelity", "cos", "spatial", "motion_fidelity"),
+    Claim("The appearance-invariant prompt shows the asked colour more than the faithful caption", "cos",
+          "faithful-prompt", "colour_adherence"),
+    Claim("The appearance-invariant prompt leaks the reference's colour less than the faithful caption", "cos",
+          "faithful-prompt", "colour_leak", higher_is_better=False),
+)
+"""The paper's claims the toy world can check (Jeong, Park and Ye, 2023, sections 4-5)."""
+
+
+def verdict(stats: tuple[float, float, int] | None, higher_is_better: bool = True) -> str:
+    """What the data say about "the first row is better": ``holds`` only beyond 2 standard errors of the paired
+    difference, ``reversed`` beyond them the other way, ``not shown`` within (or with fewer than 2 cases)."""
+    if stats is None:
+        return "not shown"
+    mean, se, _ = stats
+    if abs(mean) <= 2 * se:
+        return "not shown"
+    return "holds" if (mean > 0) == higher_is_better else "reversed"
+
+
+def findings(summary: dict, samples: list[dict]) -> list[str]:
+    """Every claim whose two rows were run, for every start, with the paired statistics, whichever way it goes."""
     lines = []
-
-    def get(name, key):
-        return summary.get(name, {}).get(key)
-
-    def paired(a, b, key):
-        return _significance(paired_difference(samples, a, b, key)) if samples else ""
-
-    base, vmc = get("no-tuning", "motion_fidelity"), get("cos", "motion_fidelity")
-    if base is not None and vmc is not None:
-        verdict = "holds" if vmc > base else "does not hold"
-        lines.append(f"Tuning beats no tuning on motion fidelity: {verdict} here (cos {vmc:.3f} vs no tuning "
-                     f"{base:.3f}{paired('cos', 'no-tuning', 'motion_fidelity')}).")
-    cos_c, eps_c = get("cos", "colour_adherence"), get("eps-mse", "colour_adherence")
-    cos_l, eps_l = get("cos", "colour_leak"), get("eps-mse", "colour_leak")
-    if None not in (cos_c, eps_c, cos_l, eps_l):
-        verdict = "holds" if cos_c > eps_c or (cos_c == eps_c and cos_l < eps_l) else "does not hold"
-        lines.append(f"The motion loss keeps appearance freer than eps-mse: {verdict} here (asked colour shown "
-                     f"{cos_c:.3f} vs {eps_c:.3f}{paired('cos', 'eps-mse', 'colour_adherence')}; reference colour "
-                     f"leaking {cos_l:.3f} vs {eps_l:.3f}{paired('cos', 'eps-mse', 'colour_leak')}).")
+    for start, rows in summary.items():
+        for claim in CLAIMS:
+            if claim.better not in rows or claim.worse not in rows:
+                continue
+            stats = paired_difference(samples, claim.better, claim.worse, claim.key, start)
+            means = f"{claim.better} {_fmt(rows[claim.better][claim.key])} vs {claim.worse} " \
+                    f"{_fmt(rows[claim.worse][claim.key])}"
+            if stats is None:
+                lines.append(f"From {start}: {claim.text}: not shown ({means}; fewer than 2 paired cases).")
+                continue
+            mean, se, n = stats
+            lines.append(f"From {start}: {claim.text}: {verdict(stats, claim.higher_is_better)} ({means}; paired "
+                         f"difference {mean:+.3f}, s.e. {se:.3f}, n {n}).")
     return lines
 
 
-def paired_difference(samples: list[dict], a: str, b: str, key: str) -> tuple[float, float, int] | None:
+def paired_difference(samples: list[dict], a: str, b: str, key: str,
+                      start: str | None = None) -> tuple[float, float, int] | None:
     """(mean of a - b, its standard error, n) over the cases both variants scored; None below 2 cases.
 
-    A case is one motion, seed and asked appearance: every variant renders the same ones, so the pairs share
-    everything but the tuning.
+    A case is one motion, seed, asked appearance and start: every variant renders the same ones from the same
+    noise, so the pairs share everything but the tuning. `start` keeps one starting point only.
     """
     def by_case(name: str) -> dict:
-        return {(r["motion"], r["seed"], r["prompt"]): r[key] for r in samples
-                if r["variant"] == name and r.get(key) is not None}
+        return {(r["motion"], r["seed"], r["prompt"], r.get("start", "inversion")): r[key] for r in samples
+                if r["variant"] == name and r.get(key) is not None
+                and (start is None or r.get("start", "inversion") == start)}
 
     first, second = by_case(a), by_case(b)
     diffs = [first[case] - second[case] for case in sorted(first.keys() & second.keys())]
@@ -337,16 +408,12 @@ def paired_difference(samples: list[dict], a: str, b: str, key: str) -> tuple[fl
     return mean, math.sqrt(variance / n), n
 
 
-def _significance(stats: tuple[float, float, int] | None) -> str:
-    if stats is None:
-        return ""
-    mean, se, n = stats
-    where = "beyond" if abs(mean) > 2 * se else "within"
-    return f"; paired difference {mean:+.3f}, s.e. {se:.3f} over {n} cases, {where} 2 s.e."
+TOY_MODEL_TARGETS = {"colour_adherence": 0.9, "shape_adherence": 0.6, "background_adherence": 0.8}
+"""What the untuned toy model must render from fresh noise for the evaluation to mean something (issue 14)."""
 
 
 def _report(cfg: EvalConfig, samples: list[dict], seconds: float) -> dict:
-    summary = summarize(samples, list(cfg.variants), list(cfg.motions))
+    summary = summarize(samples, list(cfg.variants), list(cfg.motions), list(cfg.starts))
     return {"date": utc_now(), "git_sha": git_sha(),
             "machine": machine_description(), "seconds": round(seconds, 1),
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"},
@@ -369,10 +436,9 @@ def _fmt(value: float | None) -> str:
 
 
 def markdown(report: dict) -> str:
-    """eval.md: the setup, the comparison table, motion fidelity per motion, and the findings."""
+    """eval.md: the setup, a table per start, motion fidelity per motion, the toy model's own adherence, and the
+    findings."""
     cfg, summary = report["config"], report["summary"]
-    keys = [k for k in SCORE_KEYS if any(summary[v][k] is not None for v in summary)]
-    head = ["variant", *keys, "tune s", "samples"]
     lines = [
         "# Motion transfer in the toy world (`vmc-fast eval`)", "",
         f"- Date: {report['date']}; git {report['git_sha']}; machine: {report['machine']}; took "
@@ -381,35 +447,46 @@ def markdown(report: dict) -> str:
                                            f"loss {report['model_training']['final_loss']:.4f})"
                                            if report.get("model_training") else ""),
         f"- Held-out motions: {', '.join(cfg['motions'])}; one reference clip each (the shipped examples); "
-        f"seeds {', '.join(map(str, cfg['seeds']))}; {cfg['samples']} new appearances per motion and seed",
+        f"seeds {', '.join(map(str, cfg['seeds']))}; {cfg['samples']} new appearances per motion and seed, each "
+        f"from {' and from '.join(cfg.get('starts', ['inversion']))}",
         f"- Tuning: {cfg['steps']} steps at lr {cfg['learning_rate']:g}; DDIM inversion and sampling "
         f"{cfg['inference_steps']} steps, guidance {cfg['guidance_scale']:g}",
         "- Scores are means over samples; all in [0, 1], higher is better except `colour_leak` (the reference's "
-        "colour shown instead of the asked one).", "",
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+        "colour shown instead of the asked one).",
     ]
-    for name, entry in summary.items():
-        cells = [name, *(_fmt(entry[k]) for k in keys), _fmt(entry["tune_seconds"]), str(entry["samples"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    motions = cfg["motions"]
-    lines += ["", "Motion fidelity per motion:", "", "| variant | " + " | ".join(motions) + " |",
-              "|" + "---|" * (len(motions) + 1)]
-    for name, entry in summary.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(entry["per_motion"][m]) for m in motions) + " |")
-    lines += ["", "Variants:", ""] + [f"- `{n}`: {VARIANTS[n].description}" for n in summary]
-    lines += ["", "Findings:", ""] + [f"- {line}" for line in report["findings"]]
+    for start, rows in summary.items():
+        keys = [k for k in SCORE_KEYS if any(rows[v][k] is not None for v in rows)]
+        head = ["variant", *keys, "tune s", "samples"]
+        lines += ["", f"## From {start}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, entry in rows.items():
+            cells = [name, *(_fmt(entry[k]) for k in keys), _fmt(entry["tune_seconds"]), str(entry["samples"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        motions = cfg["motions"]
+        lines += ["", "Motion fidelity per motion:", "", "| variant | " + " | ".join(motions) + " |",
+                  "|" + "---|" * (len(motions) + 1)]
+        for name, entry in rows.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(entry["per_motion"][m]) for m in motions) + " |")
+    untuned = summary.get("noise", {}).get("no-tuning")
+    if untuned is not None:
+        lines += ["", "The untuned model from fresh noise (what the toy model renders before any tuning), against "
+                  "the targets it must meet for this evaluation to mean something:", ""]
+        lines += [f"- {key}: {_fmt(untuned[key])} (target {target:.2f})" for key, target in TOY_MODEL_TARGETS.items()]
+    lines += ["", "Variants:", ""] + [f"- `{n}`: {VARIANTS[n].description}" for n in next(iter(summary.values()))]
+    lines += ["", "Findings (\"holds\" only beyond 2 standard errors of the paired difference):", ""]
+    lines += [f"- {line}" for line in report["findings"]]
     return "\n".join(lines) + "\n"
 
 
 def figure_image(figure: dict, references: dict, scale: int = 3):
-    """A PIL image: per motion, the reference row then one generated row per variant; columns are frames."""
+    """A PIL image: per motion, the reference row then one generated row per variant and start (the first look);
+    columns are frames."""
     from PIL import Image, ImageDraw
 
     rows = []
     for motion, by_variant in figure.items():
         rows.append((f"{motion}: reference", references[motion][1].frames))
         rows.extend((f"{motion}: {name}", frames) for name, frames in by_variant.items())
-    label_w = 150
+    label_w = 190
     frame_h, frame_w = rows[0][1].shape[2] * scale, rows[0][1].shape[3] * scale
     num_frames = rows[0][1].shape[1]
     image = Image.new("RGB", (label_w + num_frames * frame_w, len(rows) * frame_h), "white")

@@ -18,7 +18,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from vmc_fast.toy.world import AREA_FRACTION, COLOURS, SHAPES, Clip, shape_coverage
+from vmc_fast.toy.world import (
+    AREA_FRACTION,
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Clip,
+    background_image,
+    shape_coverage,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # Segmentation and tracks
@@ -261,6 +269,32 @@ def appearance_adherence(frames: torch.Tensor, colour: str, shape: str | None = 
     num_frames = mask.shape[0]
     return AppearanceScores(colour=colour_score, shape=float((best == SHAPES.index(shape)).sum()) / num_frames,
                             shape_iou=float(ious[shape].sum()) / num_frames, fill_ratio=fill)
+
+
+BACKGROUND_KEEP = 0.75
+"""Fraction of pixels each background template is judged on: the best-fitting ones, so the object (about a tenth
+of the picture) does not decide which background a frame shows."""
+
+
+def background_adherence(frames: torch.Tensor, background: str) -> float:
+    """Fraction of frames whose background is, of the toy world's backgrounds, nearest the asked one.
+
+    frames: (3, F, H, W) float in [-1, 1]. Each background template (`world.background_image`) is compared with a
+    frame by the mean absolute error over its best-fitting BACKGROUND_KEEP of the pixels (a trimmed mean), so the
+    object in front does not count. Raises ValueError for an unknown background.
+    """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    unit = _unit(frames)  # (3, F, H, W) in [0, 1]
+    height, width = unit.shape[-2:]
+    errors = []
+    for name in BACKGROUNDS:
+        template = background_image(name, height, width).to(unit)[:, None]  # (3, 1, H, W)
+        per_pixel = (unit - template).abs().mean(0).flatten(1)  # (F, HW)
+        kept = max(1, int(BACKGROUND_KEEP * per_pixel.shape[1]))
+        errors.append(per_pixel.sort(dim=1).values[:, :kept].mean(1))
+    nearest = torch.stack(errors).argmin(0)  # (F,)
+    return float((nearest == BACKGROUNDS.index(background)).double().mean())
 
 
 def temporal_consistency(frames: torch.Tensor) -> float:

@@ -34,6 +34,7 @@ from vmc_fast.toy import world
 CHECKPOINT = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
 LOSS_WEIGHTINGS = ("uniform", "v")
+LR_SCHEDULES = ("constant", "cosine")
 V_WEIGHT_CAP = 20.0
 """Cap of the ``v`` weighting 1 / abar_t (it reaches ~1e5 at the last timestep of Show-1's schedule)."""
 SMOOTH_WINDOWS = 10
@@ -52,9 +53,13 @@ class PretrainConfig:
     batch_size: int = 4
     """Clips per step, rendered on the fly."""
     lr: float = 3e-4
-    """AdamW peak learning rate (linear warm-up, then constant)."""
+    """AdamW peak learning rate (linear warm-up, then --lr-schedule)."""
     warmup_steps: int = 100
     """Steps of linear learning-rate warm-up from 0."""
+    lr_schedule: str = "constant"
+    """After warm-up: constant, or cosine (decays to --min-lr-ratio x lr at the last step of --steps)."""
+    min_lr_ratio: float = 0.1
+    """Where the cosine schedule ends, as a fraction of --lr."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -81,6 +86,10 @@ class PretrainConfig:
     """Clip width in pixels (divisible by 4)."""
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda[:i]"."""
+    data_workers: int | None = None
+    """Processes rendering the next batches while the model trains; default: 0 on a CPU, up to 8 with CUDA (the
+    clips are rendered on the CPU, which would otherwise keep a GPU waiting). Batches depend only on (seed, step),
+    so the number of workers never changes the run."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "num_frames"):
@@ -94,6 +103,12 @@ class PretrainConfig:
             raise ValueError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {self.loss_weighting!r}")
         if self.warmup_steps < 0 or self.vlb_weight < 0:
             raise ValueError("warmup_steps and vlb_weight must not be negative")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise ValueError(f"--data-workers must be 0 or more, got {self.data_workers}")
 
 
 @dataclass
@@ -262,11 +277,49 @@ def _check_run_folder(cfg: PretrainConfig, resume: bool) -> None:
 # Training loop
 
 
+def learning_rate(cfg: PretrainConfig, step: int) -> float:
+    """The learning rate of 0-based `step`: linear warm-up, then constant or a cosine decay to min_lr_ratio x lr at
+    the last step. A pure function of the step (no scheduler object): nothing extra to checkpoint."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def _set_lr(cfg: PretrainConfig, optimizer: torch.optim.Optimizer, step: int) -> None:
-    # A pure function of the step (no scheduler object): nothing extra to checkpoint.
-    scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * scale
+        group["lr"] = learning_rate(cfg, step)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Step k -> make_batch(cfg, k): rendered in worker processes when asked (each batch depends only on k)."""
+
+    def __init__(self, cfg: PretrainConfig, first_step: int, num_timesteps: int):
+        self.cfg, self.first_step, self.num_timesteps = cfg, first_step, num_timesteps
+
+    def __len__(self) -> int:
+        return self.cfg.steps - self.first_step
+
+    def __getitem__(self, index: int) -> dict:
+        return make_batch(self.cfg, self.first_step + index, self.num_timesteps)
+
+
+def _single_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # the workers share the cores: one thread each
+
+
+def batches(cfg: PretrainConfig, first_step: int, num_timesteps: int, device: torch.device):
+    """The batches of steps first_step .. cfg.steps - 1, in order, rendered ahead by cfg.data_workers processes."""
+    workers = cfg.data_workers
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+    loader = torch.utils.data.DataLoader(
+        _Batches(cfg, first_step, num_timesteps), batch_size=None, shuffle=False, num_workers=workers,
+        worker_init_fn=_single_thread if workers else None, prefetch_factor=4 if workers else None,
+        persistent_workers=False)
+    return iter(loader)
 
 
 def _progress(cfg: PretrainConfig, state: TrainState, window: list[dict], rate: float) -> str:
@@ -298,9 +351,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, log=print, command: str 
         f"parameters on {device}, {torch.get_num_threads()} threads; config {json.dumps(asdict(cfg))}")
     window: list[dict] = []
     session_start, session_steps = time.perf_counter(), 0
+    upcoming = batches(cfg, state.step, scheduler.config.num_train_timesteps, device)
     while state.step < cfg.steps:
         step_start = time.perf_counter()
-        batch = make_batch(cfg, state.step, scheduler.config.num_train_timesteps)
+        batch = next(upcoming)
         _set_lr(cfg, state.optimizer, state.step)
         loss, parts = diffusion_loss(cfg, state, scheduler, tokenizer, batch, device)
         state.optimizer.zero_grad(set_to_none=True)
