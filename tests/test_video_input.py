@@ -568,3 +568,20 @@ def test_load_video_start_stride_reverse_and_fps(tmp_path):
 def test_load_video_names_each_bad_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"load_video: {name}"):
         vmc_fast.load_video(CASES / "unpadded_frame_numbers", **kwargs)
+
+
+def test_generate_reads_its_video_with_the_background_and_sample_fps(tmp_path, monkeypatch, square_video):
+    from vmc_fast.config import GenerateConfig
+    from vmc_fast.inference import generate
+
+    seen = []
+
+    def spy(path, sampling):
+        seen.append(sampling)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(video_module, "load_clip", spy)
+    cfg = GenerateConfig(video=str(square_video), background="#102030", sample_fps=4, output=None)
+    with pytest.raises(RuntimeError, match="stop here"):
+        generate._starting_point(cfg, None, {}, (8, 32, 32), torch.device("cpu"), None)
+    assert seen[0].background == "#102030" and seen[0].fps == 4

@@ -322,6 +322,9 @@ class GenerateConfig(FrameOptions):
     stages: dict[str, str] = field(default_factory=dict, metadata=option("--stage"))
     """Show-1: NAME=ID loads a cascade stage from a hub id or folder (interpolation, sr1_first_frame, sr1, sr2);
     sr1_first_frame=none skips IF-II. Repeatable."""
+    sample_fps: float | None = None
+    """Sample the --video clip by time at this rate, as `train --fps` does (--fps here is the output's rate);
+    default: by index."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -331,6 +334,8 @@ class GenerateConfig(FrameOptions):
         check_field(0.0 <= self.guidance_scale <= 100.0, "--guidance-scale", "must be between 0 and 100")
         check_field(self.seed >= 0, "--seed", "must be 0 or more")
         check_field(1 <= self.fps <= 120, "--fps", "must be between 1 and 120")
+        check_field(self.sample_fps is None or 0 < self.sample_fps <= 1000, "--sample-fps",
+                    "must be above 0 and at most 1000")
         check_field(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}")
         check_field(self.device in DEVICES, "--device", f"must be one of {', '.join(DEVICES)}")
         check_field(self.cascade_steps is None or 1 <= self.cascade_steps <= 1000, "--cascade-steps",
