@@ -176,7 +176,7 @@ class ClipInfo:
 
     def record(self) -> dict:
         """JSON-ready: every field (tuples as lists) and the summary line."""
-        return {**json_ready(dataclasses.asdict(self)), "summary": self.summary()}
+        return {**_json_ready(dataclasses.asdict(self)), "summary": self.summary()}
 
     @classmethod
     def from_record(cls, record: dict) -> "ClipInfo":
@@ -193,12 +193,12 @@ class ClipInfo:
 TRANSFORMS_BY_NAME = {name: words for name, words in TRANSFORMS.values()}
 
 
-def json_ready(value):
+def _json_ready(value):
     """Tuples as lists, recursively (what json.dumps would write)."""
     if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
+        return {k: _json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
+        return [_json_ready(v) for v in value]
     return value
 
 
