@@ -31,6 +31,8 @@ STORAGE_DTYPES = ("fp32", "bf16", "int8")
 DEFAULT_TRAINABLE_PATTERN = r"temp_attentions\..*\.to_[qkv]\.weight$"
 """Names of the tuned tensors: the temporal attention Q/K/V projections (`vmc_fast.tuning.surgery`)."""
 RESIZE_MODES = ("crop", "squash")
+BACKGROUND_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
+"""Named colours of --background; #RRGGBB is accepted too."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 STRATEGIES = ("auto", "videos", "zero")
@@ -45,6 +47,16 @@ def check_field(condition: bool, option_name: str, message: str) -> None:
     """ValueError naming the option when `condition` fails (the CLI shows it as one line)."""
     if not condition:
         raise ValueError(f"{option_name}: {message}")
+
+
+def background_rgb(value: str, option_name: str = "--background") -> tuple[int, int, int]:
+    """(r, g, b) 0-255 of a background colour: white | black | gray | #RRGGBB (ValueError naming the option)."""
+    text = value.strip().lower()
+    if text in BACKGROUND_COLOURS:
+        return BACKGROUND_COLOURS[text]
+    check_field(re.fullmatch(r"#[0-9a-f]{6}", text) is not None, option_name,
+                f"{value!r} is not a colour; use white, black, gray or #RRGGBB (e.g. #00ff00)")
+    return tuple(int(text[i: i + 2], 16) for i in (1, 3, 5))
 
 
 def option(name: str | None) -> dict:
@@ -97,8 +109,12 @@ class FrameOptions:
     """Take every k-th source frame."""
     resize: str = "crop"
     """crop: keep the aspect by centre-cropping | squash: stretch (what the paper's code did)."""
+    background: str = "white"
+    """Colour that transparent pixels (RGBA/LA/palette images, GIF, alpha video) are composited onto: white |
+    black | gray | #RRGGBB."""
 
     def __post_init__(self) -> None:
+        background_rgb(self.background)
         check_field(self.num_frames is None or 2 <= self.num_frames <= 64, "--frames", "must be between 2 and 64")
         for name in ("height", "width"):
             value = getattr(self, name)
@@ -118,10 +134,15 @@ class DataConfig(FrameOptions):
     """First source frame to take."""
     reverse: bool = False
     """Play the clip backwards (the paper's "walking backward" experiment)."""
+    fps: float | None = None
+    """Sample by time: resample the clip's timeline at this rate (the frame shown at each tick, held frames
+    repeated), then --start-frame, --frame-stride and --frames count those ticks; default: take frames by index.
+    Ignored for frame folders."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_field(self.start_frame >= 0, "--start-frame", "must be 0 or more")
+        check_field(self.fps is None or 0 < self.fps <= 1000, "--fps", "must be above 0 and at most 1000")
 
 
 @dataclass
@@ -301,6 +322,9 @@ class GenerateConfig(FrameOptions):
     stages: dict[str, str] = field(default_factory=dict, metadata=option("--stage"))
     """Show-1: NAME=ID loads a cascade stage from a hub id or folder (interpolation, sr1_first_frame, sr1, sr2);
     sr1_first_frame=none skips IF-II. Repeatable."""
+    sample_fps: float | None = None
+    """Sample the --video clip by time at this rate, as `train --fps` does (--fps here is the output's rate);
+    default: by index."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -310,6 +334,8 @@ class GenerateConfig(FrameOptions):
         check_field(0.0 <= self.guidance_scale <= 100.0, "--guidance-scale", "must be between 0 and 100")
         check_field(self.seed >= 0, "--seed", "must be 0 or more")
         check_field(1 <= self.fps <= 120, "--fps", "must be between 1 and 120")
+        check_field(self.sample_fps is None or 0 < self.sample_fps <= 1000, "--sample-fps",
+                    "must be above 0 and at most 1000")
         check_field(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}")
         check_field(self.device in DEVICES, "--device", f"must be one of {', '.join(DEVICES)}")
         check_field(self.cascade_steps is None or 1 <= self.cascade_steps <= 1000, "--cascade-steps",

@@ -17,6 +17,7 @@ from rich.progress import (
 from rich.table import Table
 
 from vmc_fast.config import RunConfig
+from vmc_fast.io.video import ClipInfo
 from vmc_fast.runs.library import Job, RunSummary
 from vmc_fast.tuning.loop import StepStats
 
@@ -60,6 +61,10 @@ class RichReporter:
         if self._video_task is not None:
             self.progress.remove_task(self._video_task)
         self._video_task = self.progress.add_task(job.video.name[:20], total=None, loss="-", rate="", memory="")
+
+    def clip_loaded(self, job: Job, info: ClipInfo) -> None:
+        """One plain line: which frames were taken, how they were turned, cropped and resized."""
+        self.progress.console.print(info.summary(), soft_wrap=True, highlight=False, markup=False)
 
     def step(self, stats: StepStats) -> None:
         rate = stats.step / stats.seconds if stats.seconds > 0 else 0.0

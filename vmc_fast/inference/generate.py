@@ -188,7 +188,7 @@ def _starting_point(cfg: GenerateConfig, backbone, states: dict[str, torch.Tenso
 
     num_frames, height, width = size
     sampling = FrameSampling(num_frames=num_frames, height=height, width=width, stride=cfg.frame_stride,
-                             resize=cfg.resize)
+                             resize=cfg.resize, background=cfg.background, fps=cfg.sample_fps)
     pixels = load_clip(Path(cfg.video).expanduser(), sampling).unsqueeze(0).to(device)
     return invert_clip(backbone, backbone.encode_pixels(pixels).float(), states["inversion"], cfg.inversion_steps,
                        on_step)

@@ -22,7 +22,7 @@ from vmc_fast.config import RunConfig
 from vmc_fast.errors import VmcError
 from vmc_fast.io.files import write_text_atomic
 from vmc_fast.io.prompts import appearance_invariant, resolve_prompts
-from vmc_fast.io.video import find_videos
+from vmc_fast.io.video import ClipInfo, find_videos
 from vmc_fast.tuning.loop import StepStats
 
 MANIFEST = "manifest.jsonl"
@@ -49,6 +49,7 @@ class Reporter(Protocol):
     def video_started(self, job: Job, index: int, total: int) -> None: ...
     def step(self, stats: StepStats) -> None: ...
     def video_finished(self, job: Job, entry: dict) -> None: ...
+    def clip_loaded(self, job: Job, info: ClipInfo) -> None: ...  # what was taken from the video, before tuning
 
 
 class QuietReporter:
@@ -56,6 +57,7 @@ class QuietReporter:
     def video_started(self, job, index, total): pass
     def step(self, stats): pass
     def video_finished(self, job, entry): pass
+    def clip_loaded(self, job, info): pass
 
 
 @dataclass
@@ -190,7 +192,8 @@ def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: 
                                f"{job.video.stem}.txt beside it, an entry in prompts.yaml, or pass --prompt")
     manifest.update(job.video, status="pending", prompt=job.prompt)
     try:
-        done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, reporter.step)
+        done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, reporter.step,
+                                  on_clip=lambda info: _clip_loaded(reporter, job, info))
     except VmcError as exc:
         return manifest.update(job.video, status="failed", error=str(exc))
     except Exception as exc:  # a bad video must never stop the rest; the traceback goes to the log
@@ -201,7 +204,15 @@ def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: 
         job.video, status="done", adapter=str(done.adapter), final_loss=done.result.final_loss,
         seconds=round(done.result.seconds, 3), steps=len(done.result.losses),
         peak_memory_bytes=done.peak_memory_bytes, source_prompt=job.source_prompt,
+        **(done.clip.manifest_fields() if getattr(done, "clip", None) else {}),
     )
+
+
+def _clip_loaded(reporter: Reporter, job: Job, info: ClipInfo) -> None:
+    # Reporters written before clip_loaded existed simply do not hear it.
+    hook = getattr(reporter, "clip_loaded", None)
+    if hook is not None:
+        hook(job, info)
 
 
 def summarize(out: Path, jobs: list[Job]) -> RunSummary:

@@ -10,17 +10,20 @@ frozen weights are never copied per video.
 from __future__ import annotations
 
 import hashlib
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from vmc_fast.config import RunConfig
+from vmc_fast.errors import VmcWarning
 from vmc_fast.io.files import atomic_save_file
 from vmc_fast.io.prompts import cached_prompt_embeddings, embedding_model_key
-from vmc_fast.io.video import FrameSampling, load_clip
+from vmc_fast.io.video import ClipInfo, FrameSampling, read_clip
 from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
 from vmc_fast.runtime import COMPUTE_DTYPES, compute_dtype
 from vmc_fast.tuning.adapters import base_fingerprint, save_adapter
@@ -43,6 +46,8 @@ class VideoResult:
     """Losses and timing."""
     peak_memory_bytes: int
     """Peak accelerator memory allocated during tuning (0 on CPU)."""
+    clip: ClipInfo | None = None
+    """Which frames were taken from the video, turned, cropped and resized how."""
 
 
 class TuningSession:
@@ -120,7 +125,7 @@ class TuningSession:
         return FrameSampling(
             num_frames=data.num_frames or bb.num_frames, height=data.height or bb.height,
             width=data.width or bb.width, stride=data.frame_stride, start=data.start_frame,
-            resize=data.resize, reverse=data.reverse,
+            resize=data.resize, reverse=data.reverse, fps=data.fps, background=data.background,
         )
 
     # ------------------------------------------------------------------------------------------ per video
@@ -134,20 +139,28 @@ class TuningSession:
         return embedding_model_key(self.cfg.model.model_id, self.backbone.family)
 
     def load_input(self, video: Path) -> torch.Tensor:
-        """The video as the UNet's input: (1, C, F, h, w) float32 on the session device.
+        """The video as the UNet's input: (1, C, F, h, w) float32 on the session device (see `read_input`)."""
+        return self.read_input(video)[0]
 
-        Latent models encode with their VAE once; the latents are cached on disk, keyed by model, file and sampling.
+    def read_input(self, video: Path) -> tuple[torch.Tensor, ClipInfo]:
+        """The video as the UNet's input, (1, C, F, h, w) float32 on the session device, and what was taken.
+
+        Latent models encode with their VAE once; the latents are cached on disk, keyed by model, file and sampling,
+        with the ClipInfo beside them, so a cache hit reports (and warns) as a fresh read does.
         """
         if self.backbone.vae is None:
-            return load_clip(video, self.sampling).unsqueeze(0).to(self.device)
+            pixels, info = read_clip(video, self.sampling)
+            return pixels.unsqueeze(0).to(self.device), info
         cache = Path(self.cfg.cache_dir) / "latents" / f"{self._latent_key(video)}.safetensors"
-        if cache.is_file():
-            return load_file(cache)["latents"].to(self.device)
-        pixels = load_clip(video, self.sampling).unsqueeze(0).to(self.device)
-        latents = self.backbone.encode_pixels(pixels).float()
+        cached = _read_latent_cache(cache)
+        if cached is not None:
+            return cached[0].to(self.device), cached[1]
+        pixels, info = read_clip(video, self.sampling)
+        latents = self.backbone.encode_pixels(pixels.unsqueeze(0).to(self.device)).float()
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_file({"latents": latents.cpu().contiguous()}, cache, {"video": str(video)})
-        return latents
+        atomic_save_file({"latents": latents.cpu().contiguous()}, cache,
+                         {"video": str(video), "clip": json.dumps(info.record(), sort_keys=True)})
+        return latents, info
 
     def _latent_key(self, video: Path) -> str:
         stat = video.stat()
@@ -156,9 +169,13 @@ class TuningSession:
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
     def tune_video(self, video: Path, prompt: str, text_states: torch.Tensor, adapter_path: Path,
-                   on_step: Callable[[StepStats], None] | None = None) -> VideoResult:
-        """Reset the tuned tensors, tune on `video`, write the adapter atomically."""
-        clip = self.load_input(video)
+                   on_step: Callable[[StepStats], None] | None = None,
+                   on_clip: Callable[[ClipInfo], None] | None = None) -> VideoResult:
+        """Reset the tuned tensors, tune on `video`, write the adapter atomically. `on_clip` hears what was taken
+        from the video before tuning starts."""
+        clip, clip_info = self.read_input(video)
+        if on_clip is not None:
+            on_clip(clip_info)
         self.reset_trainable()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -172,7 +189,7 @@ class TuningSession:
             state = trainable_state(unet)
         if self.write_adapters:
             self.save(adapter_path, prompt, result, state)
-        return VideoResult(adapter=adapter_path, result=result, peak_memory_bytes=peak)
+        return VideoResult(adapter=adapter_path, result=result, peak_memory_bytes=peak, clip=clip_info)
 
     def reset_trainable(self) -> None:
         """Copy the base weights back into the tuned tensors (in place: compiled graphs stay valid)."""
@@ -189,3 +206,19 @@ class TuningSession:
             width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
                                   "reverse": s.reverse, "family": self.backbone.family},
         )
+
+
+def _read_latent_cache(path: Path) -> tuple[torch.Tensor, ClipInfo] | None:
+    """(latents, ClipInfo) from a latent cache file, re-raising the warnings of the first read; None when absent
+    (or written before the ClipInfo was stored beside the latents)."""
+    if not path.is_file():
+        return None
+    with safe_open(path, framework="pt") as handle:
+        record = (handle.metadata() or {}).get("clip")
+        if record is None:
+            return None
+        latents = handle.get_tensor("latents")
+    info = ClipInfo.from_record(json.loads(record))
+    for note in info.notes:
+        warnings.warn(VmcWarning(note), stacklevel=3)
+    return latents, info
