@@ -93,5 +93,5 @@ def vmc_loss(unet: nn.Module, clip: torch.Tensor, noise: torch.Tensor, t: torch.
     with autocast(cfg.precision, device=clip.device):
         output = unet(noisy, t, text_states)
     eps_pred = output.sample if hasattr(output, "sample") else output
-    weight = ((1 - a) / a).reshape(-1) if cfg.snr_weight else None
+    weight = ((1 - a) / a).reshape(-1) if cfg.loss_weight == "snr" else None  # eq. 16's weight
     return motion_distillation_loss(eps_pred, noise, kind=cfg.loss, stride=cfg.loss_stride, weight=weight)
