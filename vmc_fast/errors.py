@@ -6,3 +6,14 @@ class VmcError(Exception):
 
     The CLI prints it as one line and exits with status 2; library callers can catch it.
     """
+
+
+class NonFiniteError(VmcError):
+    """A loss, gradient or tensor became NaN or inf: the message names where (the step), the value and the fix.
+
+    `step` is the 1-based training step it happened at, or None outside a training loop.
+    """
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
