@@ -398,3 +398,26 @@ def test_the_adapter_records_the_loss_weight_and_formula(square_video, tmp_path)
     _, info = read_adapter(done.adapter)
     assert info.loss == "l2" and info.extra["loss_weight"] == "snr"
     assert "(1 - abar_t) / abar_t" in info.extra["loss_formula"]
+
+
+def test_ranks_that_share_a_step_stop_together_when_another_ranks_loss_is_not_finite(square_video, tmp_path):
+    """A step offering agree(ok) (ZeRO's, across ranks) is asked before every backward; one rank's NaN stops all."""
+    from vmc_fast.errors import NonFiniteError
+    from vmc_fast.tuning.steps import TorchStep
+
+    class AgreeingStep(TorchStep):
+        asked: list = []
+
+        def agree(self, ok: bool) -> bool:
+            self.asked.append(ok)
+            return ok and len(self.asked) != 2  # "another rank" had a NaN loss at step 2
+
+    session = TuningSession(_cfg(square_video, tmp_path, steps=3), make_optimizer_step=lambda unet, params:
+                            AgreeingStep(params, session.cfg.train))
+    prompt = "a square moving right"
+    snapshots, on_step = _snapshots_after_each_step(session)
+    with pytest.raises(NonFiniteError, match="the loss became NaN or inf on another rank at step 2 of 3") as caught:
+        session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                           tmp_path / "a.safetensors", on_step)
+    assert AgreeingStep.asked == [True, True] and caught.value.step == 2
+    assert all(torch.equal(p, s) for p, s in zip(session.params, snapshots[0]))

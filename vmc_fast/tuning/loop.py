@@ -87,9 +87,10 @@ def tune(
         noise = torch.randn(clip.shape, generator=generator).to(device)
         loss = vmc_loss(unet, clip, noise, t.to(device), abar, text_states, cfg)
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):  # before backward: nothing of this step reaches the weights
-            raise NonFiniteError(_stopped(f"the loss became {loss_value} at step {step} of {cfg.steps}", cfg,
-                                          device), step=step)
+        if not _all_finite(optimizer_step, math.isfinite(loss_value)):  # before backward: nothing reaches weights
+            what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else \
+                "the loss became NaN or inf on another rank"
+            raise NonFiniteError(_stopped(f"{what} at step {step} of {cfg.steps}", cfg, device), step=step)
         try:
             grad_norm = optimizer_step(loss)
         except NonFiniteGradient as exc:
@@ -102,6 +103,13 @@ def tune(
     result.seconds = time.perf_counter() - start
     result.skipped_steps = int(getattr(optimizer_step, "skipped_steps", 0))
     return result
+
+
+def _all_finite(optimizer_step: OptimizerStep, finite: bool) -> bool:
+    """Whether every rank's loss is finite: a step whose ranks share a backward (ZeRO) offers ``agree(ok) ->
+    all ranks ok``, so all of them stop at the same step instead of the others waiting in a collective."""
+    agree = getattr(optimizer_step, "agree", None)
+    return agree(finite) if agree is not None else finite
 
 
 def _gradient_message(exc: NonFiniteGradient, step: int, loss: float, cfg: TrainConfig, device) -> str:
