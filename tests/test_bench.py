@@ -8,7 +8,14 @@ import torch
 from typer.testing import CliRunner
 
 from vmc_fast.cli import app
-from vmc_fast.studies.bench import PRESETS, BenchOptions, Preset, _timed, run_one, step_flops
+from vmc_fast.studies.bench import (
+    PRESETS,
+    BenchOptions,
+    Preset,
+    _timed,
+    run_one,
+    step_flops,
+)
 
 
 def test_flop_count_of_the_base_architecture_matches_the_reference():

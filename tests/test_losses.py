@@ -132,8 +132,8 @@ def test_snr_loss_weight_is_eq16s_per_timestep_factor_on_the_l2_loss():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(loss="cos", loss_weight="snr"), "--loss-weight: snr applies to --loss l2 only"),
-    (dict(loss="l2", loss_weight="min-snr"), "--loss-weight: must be one of none, snr"),
+    ({"loss": "cos", "loss_weight": "snr"}, "--loss-weight: snr applies to --loss l2 only"),
+    ({"loss": "l2", "loss_weight": "min-snr"}, "--loss-weight: must be one of none, snr"),
 ])
 def test_bad_loss_weight_is_named(kwargs, message):
     from vmc_fast.config import TrainConfig

@@ -302,7 +302,11 @@ def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
 
 
 def test_fp16_stops_after_ten_overflows_in_a_row():
-    from vmc_fast.tuning.steps import MAX_CONSECUTIVE_OVERFLOWS, NonFiniteGradient, TorchStep
+    from vmc_fast.tuning.steps import (
+        MAX_CONSECUTIVE_OVERFLOWS,
+        NonFiniteGradient,
+        TorchStep,
+    )
 
     layer = torch.nn.Linear(4, 4)
     step = TorchStep(list(layer.parameters()), TrainConfig(precision="fp16"))
@@ -405,12 +409,12 @@ def test_ranks_that_share_a_step_stop_together_when_another_ranks_loss_is_not_fi
     from vmc_fast.errors import NonFiniteError
     from vmc_fast.tuning.steps import TorchStep
 
-    class AgreeingStep(TorchStep):
-        asked: list = []
+    asked = []
 
+    class AgreeingStep(TorchStep):
         def agree(self, ok: bool) -> bool:
-            self.asked.append(ok)
-            return ok and len(self.asked) != 2  # "another rank" had a NaN loss at step 2
+            asked.append(ok)
+            return ok and len(asked) != 2  # "another rank" had a NaN loss at step 2
 
     session = TuningSession(_cfg(square_video, tmp_path, steps=3), make_optimizer_step=lambda unet, params:
                             AgreeingStep(params, session.cfg.train))
@@ -419,5 +423,5 @@ def test_ranks_that_share_a_step_stop_together_when_another_ranks_loss_is_not_fi
     with pytest.raises(NonFiniteError, match="the loss became NaN or inf on another rank at step 2 of 3") as caught:
         session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
                            tmp_path / "a.safetensors", on_step)
-    assert AgreeingStep.asked == [True, True] and caught.value.step == 2
+    assert asked == [True, True] and caught.value.step == 2
     assert all(torch.equal(p, s) for p, s in zip(session.params, snapshots[0]))
