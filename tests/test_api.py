@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import moving_square_frames, write_frame_folder
 
 import vmc_fast
+from conftest import moving_square_frames, write_frame_folder
 
 
 def test_every_public_name_resolves():

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-from conftest import TRITON_INTERPRETED
 
+from conftest import TRITON_INTERPRETED
 from vmc_fast.errors import VmcError
 from vmc_fast.models import attention as attn_mod
 from vmc_fast.models import load_backbone

@@ -22,21 +22,25 @@ from vmc_fast.models.show1.loading import show1_scheduler
 from vmc_fast.models.show1.stages import PixelStage, save_stage, tiny_cascade
 
 ONE_STEP = CascadeSettings().with_steps(1)
+TWO_STEPS = CascadeSettings().with_steps(2)  # one step is at t = 0, where DDPM adds no noise (no variance used)
 
 
 class RecordingUNet(nn.Module):
-    """Returns zeros (epsilon and variance) and keeps every input, to check what a stage feeds its UNet."""
+    """Returns a constant epsilon half, then a different constant variance half, and keeps every input, to check
+    what a stage feeds its UNet and which output half it uses."""
 
-    def __init__(self, out_channels: int = 6):
+    def __init__(self, out_channels: int = 6, eps_value: float = 0.0, variance_value: float = 0.5):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))
         self.out_channels = out_channels
+        self.eps_value, self.variance_value = eps_value, variance_value
         self.calls: list[dict] = []
 
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
         self.calls.append({"sample": sample.clone(), "text": encoder_hidden_states, "labels": class_labels})
         b, _, f, h, w = sample.shape
-        return torch.zeros(b, self.out_channels, f, h, w) + self.anchor
+        half = (b, self.out_channels // 2, f, h, w)
+        return torch.cat([torch.full(half, self.eps_value), torch.full(half, self.variance_value)], 1) + self.anchor
 
 
 def _states(width: int = 32) -> dict[str, torch.Tensor]:
@@ -81,10 +85,39 @@ def test_interpolation_conditions_each_window_on_its_two_keyframes():
 def test_a_fixed_variance_scheduler_is_given_the_epsilon_half_only():
     from vmc_fast.models.show1.loading import SHOW1_SCHEDULER_CONFIG
 
-    scheduler = show1_scheduler({**SHOW1_SCHEDULER_CONFIG, "variance_type": "fixed_small"})
-    video = interpolate(PixelStage(unet=RecordingUNet(), scheduler=scheduler), _keyframes(2), _states(), ONE_STEP,
-                        seed=0)
-    assert video.shape == (1, 3, 5, 8, 8) and torch.isfinite(video).all()
+    def video(eps: float, variance: float) -> torch.Tensor:
+        scheduler = show1_scheduler({**SHOW1_SCHEDULER_CONFIG, "variance_type": "fixed_small"})
+        stage = PixelStage(unet=RecordingUNet(eps_value=eps, variance_value=variance), scheduler=scheduler)
+        return interpolate(stage, _keyframes(2), _states(), TWO_STEPS, seed=0)
+
+    base = video(0.1, 0.0)
+    assert base.shape == (1, 3, 5, 8, 8) and torch.isfinite(base).all()
+    torch.testing.assert_close(video(0.1, 1e3), base, rtol=0, atol=0)  # the variance half is not used
+    assert (video(0.3, 0.0) - base).abs().max() > 1e-2  # the epsilon half is
+
+
+def test_a_learned_range_scheduler_steps_with_epsilon_then_the_variance_half():
+    """guided_ddpm equals scheduler.step, frame by frame, on the hand-built output [epsilon, variance]."""
+    from vmc_fast.inference.cascade import guided_ddpm
+
+    eps, variance = 0.2, -0.4
+    noise = torch.randn(1, 3, 5, 8, 8, generator=torch.Generator().manual_seed(2))
+    condition = torch.zeros(1, 4, 5, 8, 8)
+
+    def run(variance_value: float) -> torch.Tensor:
+        stage = PixelStage(unet=RecordingUNet(eps_value=eps, variance_value=variance_value),
+                           scheduler=show1_scheduler())
+        return guided_ddpm(stage, noise, condition, _states(), 2, 7.0, torch.Generator().manual_seed(3))
+
+    scheduler = show1_scheduler()
+    assert scheduler.config.variance_type == "learned_range"
+    scheduler.set_timesteps(2)
+    generator, x = torch.Generator().manual_seed(3), noise[0].permute(1, 0, 2, 3)  # frames as the batch
+    for t in scheduler.timesteps:
+        output = torch.cat([torch.full_like(x, eps), torch.full_like(x, variance)], 1)
+        x = scheduler.step(output, t, x, generator=generator).prev_sample
+    torch.testing.assert_close(run(variance), x.permute(1, 0, 2, 3)[None])
+    assert (run(0.9) - run(variance)).abs().max() > 1e-3  # and the variance half is used
 
 
 def test_sr1_noises_the_upscaled_input_but_keeps_the_given_first_frame():

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import moving_square_frames, write_video
 from typer.testing import CliRunner
 
+from conftest import moving_square_frames, write_video
 from vmc_fast.cli import app
 
 runner = CliRunner()

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import moving_square_frames, write_frame_folder, write_video
 
+from conftest import moving_square_frames, write_frame_folder, write_video
 from vmc_fast.errors import VmcError
 from vmc_fast.io.video import (
     FrameSampling,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from vmc_fast.errors import VmcError
 from vmc_fast.inference.ddim import (
     ddim_invert,
     inversion_scheduler,
+    predict_noise,
     sample,
     sampling_scheduler,
 )
@@ -202,3 +204,56 @@ def test_failed_write_leaves_no_file(tmp_path):
 def test_bad_options_raise_value_error_naming_the_option(tmp_path, overrides, option):
     with pytest.raises(ValueError, match=option):
         _config(tmp_path, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- learned variance
+
+
+class _LearnedVarianceStub(torch.nn.Module):
+    """eps(x) = 0.1 x + 0.05, followed (with `variance`) by a variance half of large random values."""
+
+    def __init__(self, variance: bool):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.variance = variance
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        eps = 0.1 * sample + 0.05 + self.anchor
+        return torch.cat([eps, 1e3 * torch.randn_like(sample)], 1) if self.variance else eps
+
+
+def test_predict_noise_returns_exactly_the_epsilon_half():
+    x = torch.randn(1, 3, FRAMES, 8, 8, generator=torch.Generator().manual_seed(4))
+    states = torch.zeros(1, 77, 32)
+    eps = predict_noise(_LearnedVarianceStub(variance=True), x, 500, states)
+    assert torch.equal(eps, 0.1 * x + 0.05)
+
+
+def test_inversion_of_a_learned_variance_model_ignores_the_variance_half():
+    config = load_backbone("show1-tiny-random").noise_scheduler.config
+    x0 = _toy_clip(num_frames=2, size=8).unsqueeze(0)
+    states = torch.zeros(1, 77, 32)
+    with_variance = ddim_invert(_LearnedVarianceStub(variance=True), x0, states, config, 3)
+    without = ddim_invert(_LearnedVarianceStub(variance=False), x0, states, config, 3)
+    torch.testing.assert_close(with_variance, without, rtol=0, atol=0)
+    assert (without - x0).abs().max() > 1e-2  # inversion moved: the epsilon half drove it
+
+
+# ---------------------------------------------------------------------------------------------- non-finite frames
+
+
+def test_frames_holding_nan_are_never_written(tmp_path, tiny, monkeypatch):
+    from vmc_fast.inference import generate as generate_module
+
+    real_decode = generate_module.decode
+
+    def decode_with_a_nan(backbone, x0):
+        frames = real_decode(backbone, x0)
+        frames[0, 1, 2, 3] = math.nan
+        return frames
+
+    monkeypatch.setattr(generate_module, "decode", decode_with_a_nan)
+    out = tmp_path / "out" / "nan.gif"
+    with pytest.raises(VmcError, match=r"NaN or inf \(precision fp16\); nothing was written; use --precision bf16"):
+        generate(_config(tmp_path, precision="fp16", output=str(out)), backbone=tiny)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []

@@ -18,8 +18,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import moving_square_frames, write_frame_folder
 from torch import nn
+
+from conftest import moving_square_frames, write_frame_folder
 
 REHEARSAL = os.environ.get("VMC_FAST_GPU_TESTS_ON_CPU") == "1" and not torch.cuda.is_available()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

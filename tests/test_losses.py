@@ -99,3 +99,73 @@ def test_shape_mismatch_is_refused():
     pred, true = _pair()
     with pytest.raises(ValueError, match="differ in shape"):
         motion_distillation_loss(pred[:, :, :4], true)
+
+
+# ---------------------------------------------------------------------------------------------- eq. 16's weight
+
+
+class _HalfUNet(torch.nn.Module):
+    """eps_theta(x) = x / 2: a prediction that depends on the noised input, hence on t."""
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return sample / 2
+
+
+def test_snr_loss_weight_is_eq16s_per_timestep_factor_on_the_l2_loss():
+    from vmc_fast.config import TrainConfig
+    from vmc_fast.tuning.loop import vmc_loss
+
+    clip, noise = _pair(seed=7)
+    abar = torch.linspace(0.999, 0.01, 1000)
+    t = torch.tensor([30, 800])
+    states = torch.zeros(2, 1, 4)
+    plain = TrainConfig(loss="l2")
+    weighted = TrainConfig(loss="l2", loss_weight="snr")
+    per_sample = [float(vmc_loss(_HalfUNet(), clip[b:b + 1], noise[b:b + 1], t[b:b + 1], abar, states[:1], plain))
+                  for b in range(2)]
+    a = abar[t]
+    expected = sum(float((1 - a[b]) / a[b]) * per_sample[b] for b in range(2)) / 2
+    assert float(vmc_loss(_HalfUNet(), clip, noise, t, abar, states, weighted)) == pytest.approx(expected, rel=1e-6)
+    assert float(vmc_loss(_HalfUNet(), clip, noise, t, abar, states, plain)) == pytest.approx(sum(per_sample) / 2,
+                                                                                               rel=1e-6)
+    assert (1 - a[1]) / a[1] > 10 * (1 - a[0]) / a[0]  # the two timesteps really are weighted differently
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"loss": "cos", "loss_weight": "snr"}, "--loss-weight: snr applies to --loss l2 only"),
+    ({"loss": "l2", "loss_weight": "min-snr"}, "--loss-weight: must be one of none, snr"),
+])
+def test_bad_loss_weight_is_named(kwargs, message):
+    from vmc_fast.config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_the_cli_offers_the_weight_and_says_what_l2_is():
+    from typer.testing import CliRunner
+
+    from vmc_fast.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("\u2502", " ").split())  # help lines joined, box edges dropped
+    assert result.exit_code == 0 and "--loss-weight" in text
+    assert "eq. 16 without its weight" in text and "(1 - abar_t) / abar_t" in text
+
+
+@pytest.mark.parametrize("legacy, loss, expected", [(True, "l2", "snr"), (False, "l2", "none"), (True, "cos", "none")])
+def test_configs_saved_with_snr_weight_still_load(legacy, loss, expected):
+    from vmc_fast.config import RunConfig
+
+    saved = RunConfig().to_dict()
+    del saved["train"]["loss_weight"]
+    saved["train"].update(snr_weight=legacy, loss=loss)  # snr_weight only ever weighted l2
+    assert RunConfig.from_dict(saved).train.loss_weight == expected
+
+
+def test_the_recorded_formula_names_the_weight():
+    from vmc_fast.tuning.losses import loss_formula
+
+    assert "(1 - abar_t) / abar_t" in loss_formula("l2", "snr") and "eq. 16" in loss_formula("l2", "snr")
+    assert "without its weight" in loss_formula("l2") and "abar" not in loss_formula("l2")
+    assert len({loss_formula(kind) for kind in LOSS_KINDS}) == len(LOSS_KINDS)

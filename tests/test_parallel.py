@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import moving_square_frames, write_video
 from safetensors.torch import load_file
+
+from conftest import moving_square_frames, write_video
 
 
 def _library(tmp_path: Path) -> Path:

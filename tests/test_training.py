@@ -1,5 +1,9 @@
 """Training on the tiny random backbone: what changes, what must not, and whether the loss falls."""
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -178,3 +182,246 @@ def test_adapter_with_a_legacy_fingerprint_still_loads(tmp_path):
     apply_adapter(unet, path)
     name = next(iter(tensors))
     assert torch.equal(dict(unet.named_parameters())[name].detach(), tensors[name])
+
+
+# ---------------------------------------------------------------------------------------------- non-finite values
+# (issue 12, C1/C2: the case control_h264_yuv420p_24f.mp4 --precision fp16 --loss l2 --lr 0.9 trained NaN into a
+# `done` adapter)
+
+CASES = Path(__file__).parent / "fixtures" / "cases"
+
+
+def _strict_json(text: str):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+
+
+def _snapshots_after_each_step(session):
+    """on_step callback recording the tuned tensors after every finished step."""
+    snapshots = []
+    return snapshots, lambda stats: snapshots.append([p.detach().clone() for p in session.params])
+
+
+def test_a_nan_loss_stops_before_its_backward_and_nothing_is_applied(square_video, tmp_path, monkeypatch):
+    from vmc_fast.errors import NonFiniteError
+    from vmc_fast.tuning import loop
+
+    calls = []
+    real = loop.vmc_loss
+    monkeypatch.setattr(loop, "vmc_loss", lambda *a: calls.append(1) or real(*a) * (math.nan if len(calls) == 2
+                                                                                      else 1.0))
+    session = TuningSession(_cfg(square_video, tmp_path, steps=4, learning_rate=1e-2))
+    prompt = "a square moving right"
+    snapshots, on_step = _snapshots_after_each_step(session)
+    with pytest.raises(NonFiniteError, match=r"the loss became nan at step 2 of 4.*--lr \(now 0\.01") as caught:
+        session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                           tmp_path / "a.safetensors", on_step)
+    assert caught.value.step == 2 and len(snapshots) == 1 and not (tmp_path / "a.safetensors").exists()
+    assert all(torch.equal(p, s) for p, s in zip(session.params, snapshots[0]))  # step 2 changed nothing
+
+
+def test_a_nan_gradient_stops_before_the_update(square_video, tmp_path):
+    from vmc_fast.errors import NonFiniteError
+
+    session = TuningSession(_cfg(square_video, tmp_path, steps=4, learning_rate=1e-2, precision="fp32"))
+    backward_calls = []
+    session.params[0].register_hook(lambda g: backward_calls.append(1) or (g * math.inf if len(backward_calls) == 2
+                                                                           else g))
+    prompt = "a square moving right"
+    snapshots, on_step = _snapshots_after_each_step(session)
+    with pytest.raises(NonFiniteError, match=r"the gradient became (nan|inf) at step 2 of 4 \(loss [0-9.]+\)"
+                                             r".*--lr") as caught:
+        session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                           tmp_path / "a.safetensors", on_step)
+    assert caught.value.step == 2 and not (tmp_path / "a.safetensors").exists()
+    assert all(torch.equal(p, s) for p, s in zip(session.params, snapshots[0]))  # the update was not applied
+    assert all(p.grad is None for p in session.params)  # and its gradients were not kept for the next step
+
+
+def test_a_diverged_video_is_failed_with_its_step_and_old_results_are_dropped(square_video, tmp_path, monkeypatch):
+    from vmc_fast.reporting import summary_json
+    from vmc_fast.runs.launch import train
+    from vmc_fast.runs.library import Manifest
+    from vmc_fast.tuning import loop
+
+    cfg = _cfg(square_video, tmp_path, steps=3)
+    out = Path(cfg.out_dir)
+    out.mkdir()
+    # An earlier run's `done` record whose adapter is gone: this run tunes the video again.
+    Manifest(out).update(square_video.resolve(), status="done", adapter=str(out / "adapters" / "square.safetensors"),
+                         final_loss=0.5, seconds=1.0, steps=3, peak_memory_bytes=0)
+    calls = []
+    real = loop.vmc_loss
+    monkeypatch.setattr(loop, "vmc_loss", lambda *a: calls.append(1) or real(*a) * (math.inf if len(calls) == 2
+                                                                                      else 1.0))
+    summary = train(cfg)
+    [entry] = summary.entries
+    assert entry["status"] == "failed" and entry["nonfinite_step"] == 2
+    assert "square.mp4: the loss became inf at step 2 of 3" in entry["error"]
+    assert "--lr" in entry["error"] and "no adapter was written" in entry["error"]
+    assert not {"adapter", "final_loss", "seconds", "steps"} & entry.keys()
+    assert list((out / "adapters").iterdir()) == []
+    assert _strict_json(summary_json(summary))["videos"][0]["status"] == "failed"
+    [line] = (out / "manifest.jsonl").read_text().splitlines()
+    assert _strict_json(line) == entry
+
+
+def test_manifest_and_summary_json_stay_strict_json(tmp_path):
+    from vmc_fast.reporting import summary_json
+    from vmc_fast.runs.library import Manifest, RunSummary
+
+    manifest = Manifest(tmp_path)
+    entry = manifest.update(tmp_path / "v.mp4", status="done", final_loss=math.nan, losses=[1.0, math.inf])
+    text = (tmp_path / "manifest.jsonl").read_text()
+    assert _strict_json(text)["final_loss"] is None and _strict_json(text)["losses"] == [1.0, None]
+    summary = _strict_json(summary_json(RunSummary(tmp_path, [entry])))
+    assert summary["videos"][0]["final_loss"] is None and summary["ok"] is True
+
+
+def test_fp16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
+    from vmc_fast.tuning.steps import TorchStep
+
+    layer = torch.nn.Linear(4, 4)
+    params = list(layer.parameters())
+    step = TorchStep(params, TrainConfig(precision="fp16", learning_rate=1e-2))
+    assert step.scaler.is_enabled() and not TorchStep(params, TrainConfig(precision="fp32")).scaler.is_enabled()
+    x = torch.randn(2, 4)
+
+    def loss(scale: float) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = layer(x)  # fp16: a large scaled gradient overflows it, as in a UNet's activations
+        return out.float().pow(2).mean() * scale
+
+    before, scale = [p.detach().clone() for p in params], step.scaler.get_scale()
+    norm = step(loss(1e30))
+    assert not math.isfinite(norm) and step.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # skipped: no update, no NaN
+    assert step.scaler.get_scale() == scale / 2
+    assert math.isfinite(step(loss(1.0))) and step.skipped_steps == 1
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))  # a finite step is applied
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_fp16_stops_after_ten_overflows_in_a_row():
+    from vmc_fast.tuning.steps import (
+        MAX_CONSECUTIVE_OVERFLOWS,
+        NonFiniteGradient,
+        TorchStep,
+    )
+
+    layer = torch.nn.Linear(4, 4)
+    step = TorchStep(list(layer.parameters()), TrainConfig(precision="fp16"))
+
+    def overflowing_loss() -> torch.Tensor:
+        return layer(torch.randn(2, 4)).sum() * math.inf
+
+    for _ in range(MAX_CONSECUTIVE_OVERFLOWS - 1):
+        step(overflowing_loss())
+    with pytest.raises(NonFiniteGradient) as caught:
+        step(overflowing_loss())
+    assert caught.value.consecutive_overflows == MAX_CONSECUTIVE_OVERFLOWS == 10
+
+
+def test_fp16_training_on_the_tiny_model_ends_finite_and_counts_skipped_steps(square_video, tmp_path):
+    session = TuningSession(_cfg(square_video, tmp_path, precision="fp16", learning_rate=1e-3))
+    prompt = "a square moving right"
+    done = session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                              tmp_path / "a.safetensors")
+    tensors, info = read_adapter(done.adapter)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert info.extra["skipped_steps"] == done.result.skipped_steps == session._optimizer_step.skipped_steps
+
+
+def test_fp16_with_the_zero_strategy_is_refused_before_anything_is_written(square_video, tmp_path):
+    from typer.testing import CliRunner
+
+    from vmc_fast.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["train", "--videos", str(square_video), "--prompt", "a square", "--out",
+                                      str(out), "--precision", "fp16", "--strategy", "zero"])
+    assert result.exit_code == 2 and "--precision fp16 does not combine with --strategy zero" in result.output
+    assert not out.exists()
+
+
+def test_an_adapter_holding_nan_is_refused_and_generate_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from vmc_fast.cli import app
+    from vmc_fast.tuning.adapters import save_adapter
+
+    unet = load_backbone("tiny-random").unet
+    tensors = {name: p.detach().clone() for name, p in temporal_qkv_parameters(unet)}
+    name = sorted(tensors)[3]
+    tensors[name][0, 0] = math.nan
+    path = save_adapter(tmp_path / "nan.safetensors", tensors, base_model="tiny-random",
+                        fingerprint=base_fingerprint(unet, set(tensors)), prompt="p", steps=1, final_loss=0.0,
+                        loss="cos", num_frames=8, height=32, width=32)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(VmcError, match=rf"1 of 24 tensors hold NaN or inf \(e.g. {name}\).*retrain"):
+        apply_adapter(unet, path)
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())  # nothing copied
+
+    out = tmp_path / "gen.gif"
+    result = CliRunner().invoke(app, ["generate", "--adapter", str(path), "--prompt", "a dog", "--steps", "1",
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and "NaN or inf" in result.output
+    assert list(tmp_path.glob("gen*")) == []
+
+
+@pytest.mark.slow
+def test_the_fp16_case_fails_its_video_with_valid_json_and_a_rerun_tunes_it(tmp_path):
+    """The case command verbatim: loss scaling keeps it going past the first overflows, but lr 0.9 ruins the
+    weights and the scaled gradients overflow 10 steps in a row (steps 5-14); then the fix the message names."""
+    from typer.testing import CliRunner
+
+    from vmc_fast.cli import app
+
+    video, out = CASES / "control_h264_yuv420p_24f.mp4", tmp_path / "D"
+    args = ["train", "--videos", str(video), "--prompt", "a red square moving right", "--loss", "l2",
+            "--lr", "0.9", "--steps", "30", "--out", str(out), "--json"]
+    first = CliRunner().invoke(app, [*args, "--precision", "fp16"])
+    assert first.exit_code == 1, first.output
+    summary = _strict_json(first.stdout.strip().splitlines()[-1])
+    [entry] = summary["videos"]
+    assert summary["counts"] == {"failed": 1} and entry["status"] == "failed"
+    assert "fp16 gradients overflowed in 10 consecutive steps" in entry["error"]
+    assert "--precision bf16 or fp32 (now fp16)" in entry["error"] and "--lr (now 0.9" in entry["error"]
+    assert list((out / "adapters").glob("*.safetensors")) == []
+    second = CliRunner().invoke(app, [*args, "--precision", "fp32"])
+    assert second.exit_code == 0, second.output
+    assert "already done" not in second.output
+    tensors, _ = read_adapter(out / "adapters" / "control_h264_yuv420p_24f.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_the_adapter_records_the_loss_weight_and_formula(square_video, tmp_path):
+    session = TuningSession(_cfg(square_video, tmp_path, steps=1, loss="l2", loss_weight="snr"))
+    prompt = "a square moving right"
+    done = session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                              tmp_path / "a.safetensors")
+    _, info = read_adapter(done.adapter)
+    assert info.loss == "l2" and info.extra["loss_weight"] == "snr"
+    assert "(1 - abar_t) / abar_t" in info.extra["loss_formula"]
+
+
+def test_ranks_that_share_a_step_stop_together_when_another_ranks_loss_is_not_finite(square_video, tmp_path):
+    """A step offering agree(ok) (ZeRO's, across ranks) is asked before every backward; one rank's NaN stops all."""
+    from vmc_fast.errors import NonFiniteError
+    from vmc_fast.tuning.steps import TorchStep
+
+    asked = []
+
+    class AgreeingStep(TorchStep):
+        def agree(self, ok: bool) -> bool:
+            asked.append(ok)
+            return ok and len(asked) != 2  # "another rank" had a NaN loss at step 2
+
+    session = TuningSession(_cfg(square_video, tmp_path, steps=3), make_optimizer_step=lambda unet, params:
+                            AgreeingStep(params, session.cfg.train))
+    prompt = "a square moving right"
+    snapshots, on_step = _snapshots_after_each_step(session)
+    with pytest.raises(NonFiniteError, match="the loss became NaN or inf on another rank at step 2 of 3") as caught:
+        session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                           tmp_path / "a.safetensors", on_step)
+    assert asked == [True, True] and caught.value.step == 2
+    assert all(torch.equal(p, s) for p, s in zip(session.params, snapshots[0]))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import TRITON_INTERPRETED
 
 pytest.importorskip("triton", reason="triton is not installed")

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import moving_square_frames, write_video
 
 import vmc_fast
 import vmc_fast.io.video as video_module
+from conftest import moving_square_frames, write_video
 from vmc_fast.config import DataConfig
 from vmc_fast.errors import VmcError, VmcWarning
 from vmc_fast.io.video import FrameSampling, find_videos, load_clip, natural_key, read_clip

@@ -24,6 +24,8 @@ from vmc_fast.models.attention import BACKENDS
 
 LOSS_KINDS = ("cos", "l2", "cos-frames-abs", "eps-mse")
 """Kinds of `vmc_fast.losses.motion_distillation_loss` (docs/design.md section 1)."""
+LOSS_WEIGHTS = ("none", "snr")
+"""Per-timestep weights of the ``l2`` loss: ``none``, or ``snr`` = (1 - abar_t) / abar_t (the paper's eq. 16)."""
 COMPILE_MODES = ("regional", "full", "off")
 """``regional``: each down/mid/up block separately; ``full``: the whole forward; ``off``: eager."""
 STORAGE_DTYPES = ("fp32", "bf16", "int8")
@@ -195,15 +197,19 @@ class TrainConfig:
     grad_clip: float = RECIPE.grad_clip
     """Largest global gradient norm; 0 disables clipping."""
     loss: str = "cos"
-    """cos | l2 | cos-frames-abs | eps-mse."""
+    """cos (the paper's eq. 17: 1 - cosine of the frame residuals of true and predicted noise) | l2 (mean over
+    frame pairs of ||d_eps - d_eps_theta||^2: eq. 16 without its weight, see --loss-weight) | cos-frames-abs (the
+    authors' public code) | eps-mse (plain denoising loss, the baseline)."""
     loss_stride: int = 1
     """Frame offset of the noise residuals."""
-    snr_weight: bool = False
-    """Weight the l2 loss by (1 - abar_t) / abar_t."""
+    loss_weight: str = "none"
+    """Per-timestep weight of --loss l2: none | snr, (1 - abar_t) / abar_t, which makes it the paper's eq. 16
+    (the weight reaches about 4e8 near t = T on Show-1's schedule; --grad-clip keeps steps bounded)."""
     seed: int = 0
     """Random seed of noise, timesteps and everything random in a run."""
     precision: str = "auto"
-    """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (the paper's code; kept for comparison)."""
+    """auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (the paper's code, with dynamic loss scaling;
+    not with --strategy zero)."""
     timestep_range: tuple[int, int] | None = field(default=None, metadata=option(None))
     """Sample t uniformly in [lo, hi); None = [0, T)."""
 
@@ -214,6 +220,9 @@ class TrainConfig:
         check_field(self.grad_clip >= 0, "--grad-clip", "must be 0 or more (0 disables)")
         check_field(self.loss in LOSS_KINDS, "--loss", f"must be one of {', '.join(LOSS_KINDS)}")
         check_field(self.loss_stride >= 1, "--loss-stride", "must be at least 1")
+        check_field(self.loss_weight in LOSS_WEIGHTS, "--loss-weight", f"must be one of {', '.join(LOSS_WEIGHTS)}")
+        check_field(self.loss_weight == "none" or self.loss == "l2", "--loss-weight",
+                    f"{self.loss_weight} applies to --loss l2 only (the paper's eq. 16), not --loss {self.loss}")
         check_field(self.precision in PRECISIONS, "--precision", f"must be one of {', '.join(PRECISIONS)}")
         check_field(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         check_field(self.seed >= 0, "--seed", "must be 0 or more")
@@ -275,6 +284,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
+        """Rebuild a saved config (config.json); older files' ``train.snr_weight`` becomes ``loss_weight``."""
+        train = dict(data.get("train", {}))
+        if "snr_weight" in train:  # before 2026-11-30: a bool, which only ever weighted l2
+            snr = train.pop("snr_weight") and train.get("loss", "cos") == "l2"
+            train.setdefault("loss_weight", "snr" if snr else "none")
+            data = {**data, "train": train}
         return from_dict(cls, data)
 
 

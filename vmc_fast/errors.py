@@ -10,3 +10,14 @@ class VmcError(Exception):
 
 class VmcWarning(UserWarning):
     """Something the user should know about an input or option (printed as one line by the CLI)."""
+
+
+class NonFiniteError(VmcError):
+    """A loss, gradient or tensor became NaN or inf: the message names where (the step), the value and the fix.
+
+    `step` is the 1-based training step it happened at, or None outside a training loop.
+    """
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step

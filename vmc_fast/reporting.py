@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -18,7 +17,7 @@ from rich.table import Table
 
 from vmc_fast.config import RunConfig
 from vmc_fast.io.video import ClipInfo
-from vmc_fast.runs.library import Job, RunSummary
+from vmc_fast.runs.library import Job, RunSummary, strict_json
 from vmc_fast.tuning.loop import StepStats
 
 
@@ -97,8 +96,9 @@ def summary_table(summary: RunSummary) -> Table:
 
 
 def summary_json(summary: RunSummary) -> str:
-    return json.dumps({"out_dir": str(summary.out_dir), "ok": summary.ok, "counts": summary.counts,
-                       "videos": summary.entries}, sort_keys=True)
+    """The run's summary as strict JSON (a NaN or inf value is written as null, never as a bare NaN)."""
+    return strict_json({"out_dir": str(summary.out_dir), "ok": summary.ok, "counts": summary.counts,
+                        "videos": summary.entries})
 
 
 def bench_table(records: list[dict]) -> Table:

@@ -24,6 +24,7 @@ import torch
 
 from vmc_fast import __version__
 from vmc_fast.config import GenerateConfig
+from vmc_fast.errors import VmcError
 from vmc_fast.inference.ddim import (
     StepCallback,
     decode,
@@ -33,7 +34,7 @@ from vmc_fast.inference.ddim import (
 )
 from vmc_fast.io.files import write_text_atomic
 from vmc_fast.io.video import write_video_atomic
-from vmc_fast.runtime import autocast, compute_dtype, resolve_device
+from vmc_fast.runtime import autocast, compute_dtype, resolve_device, resolve_precision
 
 DEFAULT_MODEL = "tiny-random"
 """The base model when neither --model nor an adapter names one."""
@@ -90,11 +91,23 @@ def generate(cfg: GenerateConfig, backbone=None, on_step: StepCallback | None = 
                         on_step)
     with timed(seconds, "decode"):  # outside autocast: the VAE decodes in its own dtype
         frames = decode(backbone, x0)
+    _check_finite(frames, "sampled frames", cfg.precision, device)  # before a cascade spends minutes on them
     with autocast(cfg.precision, device):
         frames, note = _cascade(cfg, backbone, frames, states, seconds, on_step)
+    _check_finite(frames, "final frames", cfg.precision, device)
     with timed(seconds, "write"):
         output = _write(cfg, frames, info, seconds, note) if cfg.output else None
     return GenerateResult(frames=frames, x_T=x_T.cpu(), output=output, seconds=seconds, note=note)
+
+
+def _check_finite(frames: torch.Tensor, what: str, precision: str, device: torch.device) -> None:
+    """VmcError when `frames` hold NaN or inf (a black or garbled video would otherwise be written)."""
+    if torch.isfinite(frames).all():
+        return
+    precision = resolve_precision(precision, device)
+    fix = ("use --precision bf16 or fp32" if precision == "fp16" else
+           "use --precision fp32" if precision == "bf16" else "check the adapter and the model's weights")
+    raise VmcError(f"generate: the {what} hold NaN or inf (precision {precision}); nothing was written; {fix}")
 
 
 def resolve_model(cfg: GenerateConfig) -> GenerateConfig:

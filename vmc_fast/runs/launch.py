@@ -108,6 +108,11 @@ def launch(cfg: RunConfig, jobs: list[Job], strategy: str) -> RunSummary:
         raise VmcError("--optimizer adamw8bit does not combine with the zero strategy (DeepSpeed resets Adam's "
                        "own moments between videos); use --optimizer adamw, whose moments ZeRO shards across "
                        "ranks, or --strategy videos")
+    if strategy == "zero" and cfg.train.precision == "fp16":  # before anything is written
+        chosen = "" if cfg.parallel.strategy == "zero" else " (what --strategy auto picks for fewer videos than ranks)"
+        raise ValueError(f"--precision fp16 does not combine with --strategy zero{chosen}: DeepSpeed's fp16 mode would "
+                         f"recast the whole UNet, and its loss scaling is not wired here; use --precision bf16, or "
+                         f"--strategy videos")
     out = prepare_out_dir(cfg)
     env = dict(os.environ)
     if not torch.cuda.is_available():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import tempfile
 import traceback
 from collections import Counter
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from vmc_fast.config import RunConfig
-from vmc_fast.errors import VmcError
+from vmc_fast.errors import NonFiniteError, VmcError
 from vmc_fast.io.files import write_text_atomic
 from vmc_fast.io.prompts import appearance_invariant, resolve_prompts
 from vmc_fast.io.video import ClipInfo, find_videos
@@ -104,6 +105,10 @@ class Manifest:
             entry = {**entries.get(str(video), {"video": str(video)}), **fields}
             if entry.get("status") != "failed":
                 entry.pop("error", None)
+                entry.pop("nonfinite_step", None)
+            else:  # a failed video has no adapter: an earlier run's results must not describe it
+                for stale in DONE_FIELDS:
+                    entry.pop(stale, None)
             entries[str(video)] = entry
             self._write(entries.values())
         return entry
@@ -118,7 +123,27 @@ class Manifest:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _write(self, entries) -> None:
-        write_text_atomic(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+        write_text_atomic(self.path, "".join(strict_json(e) + "\n" for e in entries))
+
+
+DONE_FIELDS = ("adapter", "final_loss", "seconds", "steps", "peak_memory_bytes", "skipped_steps", "frames", "crop_box",
+               "displayed_size", "clip")
+"""Fields of a `done` entry, which describe its adapter; a later failure removes them."""
+
+
+def strict_json(obj) -> str:
+    """JSON that every parser reads: NaN and inf floats become null (Python's json would write bare NaN)."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, sort_keys=True)
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -194,6 +219,9 @@ def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: 
     try:
         done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, reporter.step,
                                   on_clip=lambda info: _clip_loaded(reporter, job, info))
+    except NonFiniteError as exc:  # the step it stopped at goes into the record; no adapter was written
+        return manifest.update(job.video, status="failed", error=f"video {job.video.name}: {exc}",
+                               nonfinite_step=exc.step)
     except VmcError as exc:
         return manifest.update(job.video, status="failed", error=str(exc))
     except Exception as exc:  # a bad video must never stop the rest; the traceback goes to the log
@@ -205,6 +233,7 @@ def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: 
         seconds=round(done.result.seconds, 3), steps=len(done.result.losses),
         peak_memory_bytes=done.peak_memory_bytes, source_prompt=job.source_prompt,
         **(done.clip.manifest_fields() if getattr(done, "clip", None) else {}),
+        skipped_steps=done.result.skipped_steps,
     )
 
 

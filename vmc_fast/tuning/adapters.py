@@ -120,10 +120,15 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], AdapterInfo
 def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None = None) -> AdapterInfo:
     """Copy an adapter's tensors into `unet` in place (no new modules, so a compiled graph stays valid).
 
-    Refuses an adapter made for another base model: different fingerprint, or names/shapes it does not have.
+    Refuses an adapter made for another base model: different fingerprint, or names/shapes it does not have;
+    and one holding NaN or inf (from a run that diverged): VmcError, nothing copied.
     `fingerprint` may be passed when already known (it costs one pass over the weights' samples).
     """
     tensors, info = read_adapter(path)
+    bad = [name for name, value in tensors.items() if not torch.isfinite(value).all()]
+    if bad:
+        raise VmcError(f"adapter {path}: {len(bad)} of {len(tensors)} tensors hold NaN or inf (e.g. {bad[0]}); "
+                       f"it comes from a run that diverged; retrain it (lower --lr, or --precision bf16 or fp32)")
     params = dict(unet.named_parameters())
     unknown = [name for name in tensors if name not in params]
     wrong = [name for name in tensors if name in params and params[name].shape != tensors[name].shape]

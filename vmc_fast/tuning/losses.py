@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vmc_fast.config import LOSS_KINDS
+from vmc_fast.config import LOSS_KINDS, LOSS_WEIGHTS
+
+LOSS_FORMULAS = {
+    "cos": "mean_n [1 - cos(d_eps^n, d_eps_theta^n)] (eq. 17)",
+    "l2": "mean_n ||d_eps^n - d_eps_theta^n||^2 (eq. 16 without its weight)",
+    "cos-frames-abs": "mean_chw [1 - cos_frames(|d_eps_theta|, |d_eps|)] (authors' public code)",
+    "eps-mse": "mean ||eps_theta - eps||^2 (plain denoising loss)",
+}
+"""Each loss kind written out; d_eps^n = eps^(n+c) - eps^n, the frame residual at offset c (--loss-stride)."""
 
 
 def motion_distillation_loss(
@@ -22,9 +30,11 @@ def motion_distillation_loss(
 ) -> torch.Tensor:
     """Loss between predicted and true noise, both (B, C, F, H, W); returns a float32 scalar.
 
-    kind: ``cos`` (paper eq. 17, default), ``l2`` (eq. 16), ``cos-frames-abs`` (authors' public code) or
-    ``eps-mse`` (plain diffusion loss, the ablation baseline). stride: frame offset c of the residuals.
-    weight: optional (B,) per-sample weight, used by ``l2`` (e.g. (1 - abar_t) / abar_t).
+    kind: ``cos`` (paper eq. 17, default), ``l2`` (eq. 16 without its weight: the mean over frame pairs of
+    ||d_eps - d_eps_theta||^2), ``cos-frames-abs`` (authors' public code) or ``eps-mse`` (plain diffusion loss,
+    the ablation baseline). stride: frame offset c of the residuals.
+    weight: optional (B,) per-sample weight, used by ``l2`` only; (1 - abar_t) / abar_t makes it eq. 16 exactly
+    (`TrainConfig.loss_weight` ``snr``). `loss_formula` writes each choice out.
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss kind {kind!r} is not one of {', '.join(LOSS_KINDS)}")
@@ -75,3 +85,13 @@ def _l2_loss(d_pred: torch.Tensor, d_true: torch.Tensor, weight: torch.Tensor | 
 def _cos_frames_abs_loss(d_pred: torch.Tensor, d_true: torch.Tensor) -> torch.Tensor:
     # Cosine along the frame axis at every (b, c, h, w) position, of the residuals' magnitudes.
     return (1 - F.cosine_similarity(d_pred.abs(), d_true.abs(), dim=2, eps=1e-8)).mean()
+
+
+def loss_formula(kind: str, weight: str = "none") -> str:
+    """The loss `kind` with per-timestep `weight` (``none`` | ``snr``) written out, as recorded in adapters."""
+    if kind not in LOSS_KINDS or weight not in LOSS_WEIGHTS:
+        raise ValueError(f"loss {kind!r} with weight {weight!r}: kinds are {', '.join(LOSS_KINDS)}, weights "
+                         f"{', '.join(LOSS_WEIGHTS)}")
+    if weight == "snr":
+        return "mean_n (1 - abar_t) / abar_t * ||d_eps^n - d_eps_theta^n||^2 (eq. 16)"
+    return LOSS_FORMULAS[kind]

@@ -28,6 +28,7 @@ from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
 from vmc_fast.runtime import COMPUTE_DTYPES, compute_dtype
 from vmc_fast.tuning.adapters import base_fingerprint, save_adapter
 from vmc_fast.tuning.loop import StepStats, TuneResult, tune
+from vmc_fast.tuning.losses import loss_formula
 from vmc_fast.tuning.steps import OptimizerStep, TorchStep, whole_parameters
 from vmc_fast.tuning.surgery import (
     SurgeryReport,
@@ -204,7 +205,10 @@ class TuningSession:
             path, state, base_model=self.cfg.model.model_id, fingerprint=self.fingerprint, prompt=prompt,
             steps=self.cfg.train.steps, final_loss=result.final_loss, loss=self.cfg.train.loss, num_frames=s.num_frames, height=s.height,
             width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
-                                  "reverse": s.reverse, "family": self.backbone.family},
+                                  "reverse": s.reverse, "family": self.backbone.family,
+                                  "loss_weight": self.cfg.train.loss_weight,
+                                  "loss_formula": loss_formula(self.cfg.train.loss, self.cfg.train.loss_weight),
+                                  "skipped_steps": result.skipped_steps},
         )
 
 

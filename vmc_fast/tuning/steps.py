@@ -21,7 +21,10 @@ from vmc_fast.config import RunConfig, TrainConfig
 
 
 class OptimizerStep(Protocol):
-    """Backward + (clip) + update + zero-grad for one loss; returns the pre-clip gradient norm (or nan)."""
+    """Backward + (clip) + update + zero-grad for one loss; returns the pre-clip gradient norm (or nan).
+
+    Gradients that cannot be used (NaN or inf) raise `NonFiniteGradient` before the update is applied.
+    """
 
     def __call__(self, loss: torch.Tensor) -> float: ...
 
@@ -41,19 +44,61 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     return torch.optim.AdamW(params, **kwargs)
 
 
+class NonFiniteGradient(ArithmeticError):
+    """Raised by an optimizer step, before any update, when the gradients cannot be used: their global norm is NaN
+    or inf (fp32/bf16), or fp16 loss scaling skipped `MAX_CONSECUTIVE_OVERFLOWS` steps in a row. The training loop
+    turns it into a `NonFiniteError` naming the step."""
+
+    def __init__(self, norm: float, consecutive_overflows: int = 0):
+        super().__init__(f"gradient norm {norm}")
+        self.norm = norm
+        """The global gradient norm (before clipping) that was not finite."""
+        self.consecutive_overflows = consecutive_overflows
+        """fp16: how many steps in a row the loss scaler skipped; 0 when no scaler runs."""
+
+
+MAX_CONSECUTIVE_OVERFLOWS = 10
+"""fp16: a run whose loss-scaled gradients overflow this many steps in a row stops (the scale is then 2**-10 of
+where it started: the overflow is not a scaling problem)."""
+
+
 class TorchStep:
-    """A plain torch optimizer over the trainable parameters, with global-norm clipping."""
+    """A plain torch optimizer over the trainable parameters, with global-norm clipping.
+
+    fp16 autocast gets dynamic loss scaling (`torch.amp.GradScaler`): the loss is multiplied by the scale before
+    backward, the gradients divided by it before clipping, and a step whose gradients overflowed is skipped (no
+    update) while the scale halves; `skipped_steps` counts them. Without fp16 the scaler is off and a NaN or inf
+    gradient norm raises `NonFiniteGradient` before the update.
+    """
 
     def __init__(self, params: list[nn.Parameter], cfg: TrainConfig):
         self.params = params
         self.grad_clip = cfg.grad_clip
         self.optimizer = build_optimizer(params, cfg)
+        device_type = params[0].device.type if params else "cpu"
+        self.scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
+        self.skipped_steps = 0
+        """fp16: steps skipped because their scaled gradients overflowed."""
+        self._consecutive_overflows = 0
 
     def __call__(self, loss: torch.Tensor) -> float:
-        loss.backward()
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.optimizer.step()
+        if torch.isfinite(norm):
+            self._consecutive_overflows = 0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # never applied, never carried into the next step
+            if not self.scaler.is_enabled():
+                raise NonFiniteGradient(float(norm))
+            self.skipped_steps += 1
+            self._consecutive_overflows += 1
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            if self._consecutive_overflows >= MAX_CONSECUTIVE_OVERFLOWS:
+                raise NonFiniteGradient(float(norm), self._consecutive_overflows)
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
