@@ -244,7 +244,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_field(bool(self.out_dir.strip()), "--out", "must not be empty")
-        check_field(self.prompt is None or bool(self.prompt.strip()), "--prompt", "must not be empty")
+        if self.prompt is not None:
+            self.prompt = normalized_prompt(self.prompt)
+        check_field(self.prompt is None or bool(self.prompt), "--prompt", "must not be empty")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -305,6 +307,8 @@ class GenerateConfig(FrameOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_field(self.model_id is None or bool(self.model_id.strip()), "--model", "must not be empty")
+        self.prompt, self.negative_prompt, self.inversion_prompt = map(
+            normalized_prompt, (self.prompt, self.negative_prompt, self.inversion_prompt))
         check_field(1 <= self.num_inference_steps <= 1000, "--steps", "must be between 1 and 1000")
         check_field(1 <= self.inversion_steps <= 1000, "--inversion-steps", "must be between 1 and 1000")
         check_field(0.0 <= self.guidance_scale <= 100.0, "--guidance-scale", "must be between 0 and 100")
@@ -324,6 +328,13 @@ class GenerateConfig(FrameOptions):
             check_field(Path(self.adapter).expanduser().is_file(), "--adapter", f"no such file: {self.adapter}")
         if self.video is not None:
             check_field(Path(self.video).expanduser().exists(), "--video", f"{self.video} does not exist")
+
+
+def normalized_prompt(text: str) -> str:
+    """`vmc_fast.io.prompts.normalize_prompt`: typed prompts take the same form as prompts read from files."""
+    from vmc_fast.io.prompts import normalize_prompt
+
+    return normalize_prompt(text)
 
 
 # ------------------------------------------------------------------------------------------------ options

@@ -6,3 +6,7 @@ class VmcError(Exception):
 
     The CLI prints it as one line and exits with status 2; library callers can catch it.
     """
+
+
+class VmcWarning(UserWarning):
+    """Something the user should know about an input or option (printed as one line by the CLI)."""
