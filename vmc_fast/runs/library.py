@@ -199,9 +199,10 @@ def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: 
         log.write_text(traceback.format_exc())
         return manifest.update(job.video, status="failed", error=f"{type(exc).__name__}: {exc} (traceback: {log})")
     return manifest.update(
-        job.video, status="done", adapter=str(done.adapter), final_loss=done.result.final_loss,
+        job.video, status="done", adapter=str(Path(done.adapter).resolve()), final_loss=done.result.final_loss,
         seconds=round(done.result.seconds, 3), steps=len(done.result.losses),
         peak_memory_bytes=done.peak_memory_bytes, source_prompt=job.source_prompt,
+        encoded_prompt=done.encoded_prompt, prompt_truncated=done.encoded_prompt not in (None, job.prompt),
     )
 
 
