@@ -21,9 +21,10 @@ def test_adapters_move_between_gpu_and_cpu_copies_of_a_base(tmp_path, model_id, 
     cpu = load_backbone(model_id).unet
     for source, target in ((gpu, cpu), (cpu, gpu)):
         tensors = {n: p.detach().float().cpu() + 0.01 for n, p in temporal_qkv_parameters(source)}
-        path = save_adapter(tmp_path / "a.safetensors", tensors, base_model=model_id,
-                            fingerprint=base_fingerprint(source, set(tensors)), base=base_reference(source, set(tensors)),
-                            prompt="p", steps=1, final_loss=0.0, loss="cos", num_frames=8, height=32, width=32)
+        tuned = set(tensors)
+        path = save_adapter(tmp_path / "a.safetensors", tensors, base_model=model_id, prompt="p", steps=1,
+                            fingerprint=base_fingerprint(source, tuned), base=base_reference(source, tuned),
+                            final_loss=0.0, loss="cos", num_frames=8, height=32, width=32)
         apply_adapter(target, path)
         params = dict(target.named_parameters())
         assert all(torch.equal(params[n].cpu(), v.to(params[n].dtype)) for n, v in tensors.items())

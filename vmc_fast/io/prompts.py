@@ -330,14 +330,18 @@ class EncodedPrompt:
         return self.tokens.encoded if self.tokens is not None else None
 
 
+PromptEncoderFactory = Callable[[], Callable[[list[str]], torch.Tensor]]
+"""Builds a prompt encoder: list of B prompts -> (B, L, D) states (optionally with `encoded_text`)."""
+
+
 def cached_prompt_embeddings(prompts: list[str], model_key: str, cache_dir: str | Path,
-                             load_encoder: Callable[[], Callable[[list[str]], torch.Tensor]]) -> dict[str, torch.Tensor]:
+                             load_encoder: PromptEncoderFactory) -> dict[str, torch.Tensor]:
     """prompt -> (L, D) float32 states (`encode_prompts` without the token reports)."""
     return {p: e.states for p, e in encode_prompts(prompts, model_key, cache_dir, load_encoder).items()}
 
 
 def encode_prompts(prompts: list[str], model_key: str, cache_dir: str | Path,
-                   load_encoder: Callable[[], Callable[[list[str]], torch.Tensor]]) -> dict[str, EncodedPrompt]:
+                   load_encoder: PromptEncoderFactory) -> dict[str, EncodedPrompt]:
     """prompt -> its states (L, D) float32 and token report, from the disk cache or computed in one encoder
     session; warns (VmcWarning) for every prompt longer than the encoder reads, on cache hits too.
 
