@@ -39,3 +39,11 @@ def test_help_example_parses(name, args):
         command.make_context(name, list(args))
     except click.exceptions.ClickException as exc:
         pytest.fail(f"vmc-fast {name} {shlex.join(args)}: {exc.format_message()}")
+
+
+def test_generate_reverse_is_a_three_way_switch():
+    """Absent: the adapter's direction (None); --reverse / --no-reverse override it either way."""
+    command = typer.main.get_command(app).commands["generate"]
+    given = {args: command.make_context("generate", ["--prompt", "x", *args]).params["reverse"]
+             for args in ((), ("--reverse",), ("--no-reverse",))}
+    assert given == {(): None, ("--reverse",): True, ("--no-reverse",): False}
