@@ -304,3 +304,13 @@ def test_an_adapter_from_before_the_sampling_record_keeps_its_direction(tmp_path
 def test_sampling_options_without_a_video_warn(tmp_path, tiny):
     with pytest.warns(UserWarning, match="start_frame, reverse: ignored without --video"):
         generate(_config(tmp_path, start_frame=3, reverse=True), backbone=tiny)
+
+
+def test_a_clip_too_short_for_the_adapters_sampling_says_where_it_came_from(tmp_path, tuned_on_a_sampled_clip):
+    adapter, _ = tuned_on_a_sampled_clip
+    short = _grey_clip(tmp_path / "short", num_frames=20)
+    with pytest.raises(VmcError, match=r"has 20 frames but 43 are needed.*generate took --frame-stride 4, "
+                                       r"--resize crop, --start-frame 30, --reverse from the adapter"):
+        _inverted_levels(tmp_path, adapter, short)
+    levels, _ = _inverted_levels(tmp_path, adapter, short, start_frame=0)
+    assert levels == [3 * i for i in (12, 8, 4, 0)]

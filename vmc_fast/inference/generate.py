@@ -83,13 +83,14 @@ def generate(cfg: GenerateConfig, backbone=None, on_step: StepCallback | None = 
         device = next(backbone.unet.parameters()).device
     with timed(seconds, "adapter"):
         info = _apply_adapter(backbone, cfg.adapter)
+    from_adapter = [name for name in GENERATE_SAMPLING_DEFAULTS if getattr(cfg, name) is None and info is not None]
     cfg = resolve_sampling(cfg, info)
     size = _size(cfg, backbone, info)
     with timed(seconds, "prompts"):
         states, token_reports = _prompt_states(cfg, backbone, device)
     with autocast(cfg.precision, device):
         with timed(seconds, "invert"):
-            x_T, inverted = _starting_point(cfg, backbone, states, size, device, on_step)
+            x_T, inverted = _starting_point(cfg, backbone, states, size, device, on_step, from_adapter)
         with timed(seconds, "sample"):
             generator = torch.Generator(device).manual_seed(cfg.seed)
             guided = cfg.guidance_scale != 1.0
@@ -213,9 +214,11 @@ def _prompt_states(cfg: GenerateConfig, backbone, device: torch.device) -> tuple
 
 
 def _starting_point(cfg: GenerateConfig, backbone, states: dict[str, torch.Tensor], size: tuple[int, int, int],
-                    device: torch.device, on_step: StepCallback | None) -> tuple[torch.Tensor, dict | None]:
+                    device: torch.device, on_step: StepCallback | None,
+                    from_adapter: list[str] = ()) -> tuple[torch.Tensor, dict | None]:
     """(x_T (1, C, F, h, w) float32, what was inverted): the inverted input clip, sampled as `resolve_sampling`
-    chose, or seeded Gaussian noise without one (then None)."""
+    chose (`from_adapter`: the settings taken from the adapter, named when the clip cannot give them), or seeded
+    Gaussian noise without one (then None)."""
     if cfg.video is None:
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
         return torch.randn(latent_shape(backbone, size), generator=generator).to(device), None
@@ -226,10 +229,25 @@ def _starting_point(cfg: GenerateConfig, backbone, states: dict[str, torch.Tenso
     sampling = FrameSampling(num_frames=num_frames, height=height, width=width, stride=cfg.frame_stride,
                              start=cfg.start_frame, resize=cfg.resize, reverse=cfg.reverse)
     video = Path(cfg.video).expanduser().resolve()
-    pixels = load_clip(video, sampling).unsqueeze(0).to(device)
+    try:
+        pixels = load_clip(video, sampling).unsqueeze(0).to(device)
+    except VmcError as exc:
+        if not from_adapter:
+            raise
+        taken = ", ".join(_as_option(name, getattr(cfg, name)) for name in from_adapter)
+        raise VmcError(f"{exc} (generate took {taken} from the adapter, as it was tuned; pass them to override)") \
+            from exc
     x_T = invert_clip(backbone, backbone.encode_pixels(pixels).float(), states["inversion"], cfg.inversion_steps,
                       on_step)
     return x_T, {"video": str(video), "sampling": dataclasses.asdict(sampling), "frames": sampled_frames(sampling)}
+
+
+def _as_option(name: str, value) -> str:
+    """How `value` of field `name` is written on the command line: ``--start-frame 30``, ``--no-reverse``."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
 
 
 def _write(cfg: GenerateConfig, result: GenerateResult, info) -> Path:
