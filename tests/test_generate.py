@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,3 +258,114 @@ def test_frames_holding_nan_are_never_written(tmp_path, tiny, monkeypatch):
     with pytest.raises(VmcError, match=r"NaN or inf \(precision fp16\); nothing was written; use --precision bf16"):
         generate(_config(tmp_path, precision="fp16", output=str(out)), backbone=tiny)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- E3: the frames tuned on
+
+
+def _grey_clip(folder, num_frames: int = 80):
+    """A frame folder whose frame i is flat grey of level 3 i (lossless PNG), so a frame tells its index."""
+    from conftest import write_frame_folder
+
+    levels = 3 * np.arange(num_frames, dtype=np.uint8)
+    return write_frame_folder(folder, np.broadcast_to(levels[:, None, None, None], (num_frames, 16, 16, 3)).copy())
+
+
+@pytest.fixture(scope="module")
+def tuned_on_a_sampled_clip(tmp_path_factory):
+    """An adapter tuned on frames 30, 34, 38, 42 of a grey clip, played backwards: (adapter, clip folder)."""
+    from vmc_fast.config import DataConfig, RunConfig, TrainConfig
+    from vmc_fast.tuning.session import TuningSession
+
+    root = tmp_path_factory.mktemp("sampled")
+    clip = _grey_clip(root / "grey")
+    cfg = RunConfig(data=DataConfig(videos=str(clip), num_frames=4, height=16, width=16, start_frame=30,
+                                    frame_stride=4, reverse=True),
+                    train=TrainConfig(steps=1), prompt="a grey fade", out_dir=str(root / "out"),
+                    cache_dir=str(root / "cache"))
+    session = TuningSession(cfg)
+    states = session.prompt_embeddings([cfg.prompt])[cfg.prompt]
+    return session.tune_video(clip, cfg.prompt, states, root / "grey.safetensors").adapter, clip
+
+
+def _inverted_levels(tmp_path, adapter, clip, **overrides):
+    """(grey level of each frame generate inverted, its sidecar)."""
+    backbone = load_backbone("tiny-random")
+    seen = []
+    encode = backbone.encode_pixels
+    backbone.encode_pixels = lambda pixels: seen.append(pixels.clone()) or encode(pixels)
+    out = tmp_path / "g.gif"
+    values = dict(adapter=str(adapter) if adapter else None, video=str(clip), prompt="a grey fade",
+                  inversion_steps=1, num_inference_steps=1, output=str(out), cache_dir=str(tmp_path / "cache"))
+    generate(GenerateConfig(**{**values, **overrides}), backbone=backbone)
+    levels = ((seen[0][0].mean(dim=(0, 2, 3)) + 1) * 127.5).round().tolist()
+    return levels, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_the_adapter_records_how_its_frames_were_sampled(tuned_on_a_sampled_clip):
+    from vmc_fast.config import DataConfig
+    from vmc_fast.tuning.adapters import read_adapter
+
+    adapter, clip = tuned_on_a_sampled_clip
+    sampling = read_adapter(adapter)[1].sampling
+    assert {k: sampling[k] for k in ("start_frame", "frame_stride", "reverse", "num_frames", "height", "width",
+                                     "resize")} == dict(start_frame=30, frame_stride=4, reverse=True, num_frames=4,
+                                                        height=16, width=16, resize="crop")
+    assert sampling["frames"] == [42, 38, 34, 30] and sampling["video"] == str(clip.resolve())
+    every_setting = {f for f in DataConfig.__dataclass_fields__ if f != "videos"}
+    assert every_setting <= sampling.keys()  # sampling fields added later are recorded too
+
+
+def test_generate_inverts_the_frames_the_adapter_was_tuned_on(tmp_path, tuned_on_a_sampled_clip):
+    adapter, clip = tuned_on_a_sampled_clip
+    levels, sidecar = _inverted_levels(tmp_path, adapter, clip)
+    assert levels == [3 * i for i in (42, 38, 34, 30)]
+    assert sidecar["inverted"]["frames"] == [42, 38, 34, 30] and sidecar["start"] == "inversion"
+    assert sidecar["inverted"]["video"] == str(clip.resolve()) and sidecar["seed"] == 0
+    config = sidecar["config"]
+    assert (config["start_frame"], config["frame_stride"], config["reverse"], config["resize"]) == (30, 4, True, "crop")
+    assert sidecar["adapter"]["sampling"]["frames"] == [42, 38, 34, 30] and "base_samples" not in json.dumps(sidecar)
+    assert sidecar["adapter_path"] == str(adapter.resolve()) and sidecar["model"] == "tiny-random"
+
+
+@pytest.mark.parametrize("overrides, frames", [
+    (dict(frame_stride=1), [33, 32, 31, 30]),
+    (dict(start_frame=0, reverse=False), [0, 4, 8, 12]),
+    (dict(reverse=False), [30, 34, 38, 42]),
+])
+def test_generate_sampling_options_override_the_adapters(tmp_path, tuned_on_a_sampled_clip, overrides, frames):
+    adapter, clip = tuned_on_a_sampled_clip
+    levels, sidecar = _inverted_levels(tmp_path, adapter, clip, **overrides)
+    assert levels == [3 * i for i in frames] and sidecar["inverted"]["frames"] == frames
+
+
+def test_generate_without_an_adapter_samples_from_the_start(tmp_path):
+    clip = _grey_clip(tmp_path / "grey", num_frames=12)
+    levels, sidecar = _inverted_levels(tmp_path, None, clip, num_frames=4, height=16, width=16)
+    assert levels == [0, 3, 6, 9] and sidecar["inverted"]["frames"] == [0, 1, 2, 3]
+
+
+def test_an_adapter_from_before_the_sampling_record_keeps_its_direction(tmp_path, tiny):
+    params = dict(temporal_qkv_parameters(tiny.unet))
+    old = save_adapter(tmp_path / "old.safetensors", {n: p.detach() for n, p in params.items()},
+                       base_model="tiny-random", fingerprint=base_fingerprint(tiny.unet, set(params)), prompt="p",
+                       steps=1, final_loss=0.0, loss="cos", num_frames=4, height=16, width=16,
+                       extra={"reverse": True})  # what adapters recorded before the sampling record
+    clip = _grey_clip(tmp_path / "grey", num_frames=12)
+    levels, _ = _inverted_levels(tmp_path, old, clip)
+    assert levels == [9, 6, 3, 0]
+
+
+def test_sampling_options_without_a_video_warn(tmp_path, tiny):
+    with pytest.warns(UserWarning, match="start_frame, reverse: ignored without --video"):
+        generate(_config(tmp_path, start_frame=3, reverse=True), backbone=tiny)
+
+
+def test_a_clip_too_short_for_the_adapters_sampling_says_where_it_came_from(tmp_path, tuned_on_a_sampled_clip):
+    adapter, _ = tuned_on_a_sampled_clip
+    short = _grey_clip(tmp_path / "short", num_frames=20)
+    with pytest.raises(VmcError, match=r"has 20 frames but 43 are needed.*generate took --frame-stride 4, "
+                                       r"--resize crop, --start-frame 30, --reverse from the adapter"):
+        _inverted_levels(tmp_path, adapter, short)
+    levels, _ = _inverted_levels(tmp_path, adapter, short, start_frame=0)
+    assert levels == [3 * i for i in (12, 8, 4, 0)]

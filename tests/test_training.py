@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,148 @@ def test_ranks_that_share_a_step_stop_together_when_another_ranks_loss_is_not_fi
                            tmp_path / "a.safetensors", on_step)
     assert asked == [True, True] and caught.value.step == 2
     assert all(torch.equal(p, s) for p, s in zip(session.params, snapshots[0]))
+
+
+# ---------------------------------------------------------------------------------- E1: storage dtype, device
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(scope="module")
+def unets():
+    """(model id, dtype name) -> that base UNet, loaded once (tests copy adapters only into its tuned tensors)."""
+    from vmc_fast.models.registry import LoadOptions
+
+    loaded = {}
+
+    def get(model_id: str, dtype: str):
+        if (model_id, dtype) not in loaded:
+            loaded[model_id, dtype] = load_backbone(model_id, LoadOptions(dtype=DTYPES[dtype])).unet
+        return loaded[model_id, dtype]
+    return get
+
+
+def _save_for(unet, path, base_model: str):
+    """An adapter of perturbed temporal Q/K/V tensors for `unet`, with its fingerprint and base reference."""
+    from vmc_fast.tuning.adapters import base_reference, save_adapter
+
+    tensors = {name: p.detach().float() + 0.01 for name, p in temporal_qkv_parameters(unet)}
+    return save_adapter(path, tensors, base_model=base_model, fingerprint=base_fingerprint(unet, set(tensors)),
+                        base=base_reference(unet, set(tensors)), prompt="p", steps=1, final_loss=0.0, loss="cos",
+                        num_frames=8, height=32, width=32), tensors
+
+
+@pytest.mark.parametrize("loaded", DTYPES)
+@pytest.mark.parametrize("saved", DTYPES)
+@pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
+def test_an_adapter_loads_into_its_base_stored_in_any_dtype(tmp_path, unets, model_id, saved, loaded):
+    """Tuned with --precision fp16 (fp16 frozen weights), generated in fp32 or bf16, and every other pair."""
+    path, tensors = _save_for(unets(model_id, saved), tmp_path / "a.safetensors", model_id)
+    target = unets(model_id, loaded)
+    apply_adapter(target, path)
+    params = dict(target.named_parameters())
+    assert all(torch.equal(params[name], value.to(params[name].dtype)) for name, value in tensors.items())
+
+
+@pytest.mark.parametrize("loaded", DTYPES)
+@pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
+def test_a_changed_base_is_refused_whatever_its_dtype(tmp_path, unets, model_id, loaded):
+    from vmc_fast.models.registry import LoadOptions
+
+    path, _ = _save_for(unets(model_id, "fp32"), tmp_path / "a.safetensors", model_id)
+    changed = load_backbone(model_id, LoadOptions(dtype=DTYPES[loaded])).unet
+    tuned = {name for name, _ in temporal_qkv_parameters(changed)}
+    name, frozen = next((n, p) for n, p in changed.named_parameters() if n not in tuned and p.dim() > 1)
+    with torch.no_grad():
+        frozen.mul_(1.05)  # 5%: well above the tolerance of one bf16 step (0.8%)
+    before = {k: v.clone() for k, v in changed.state_dict().items()}
+    with pytest.raises(VmcError, match=rf"was made for base model {model_id}.*max relative difference 0\.0[45]\d* "
+                                       rf"in {re.escape(name)}"):
+        apply_adapter(changed, path)
+    assert all(torch.equal(before[k], v) for k, v in changed.state_dict().items())  # refused: nothing copied
+
+
+@pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
+def test_a_base_of_another_seed_is_refused(tmp_path, unets, model_id):
+    from diffusers import UNet3DConditionModel
+
+    from vmc_fast.models.show1.backbones import build_tiny_random_unet
+    from vmc_fast.models.tiny import UNET3D_CONFIG
+
+    path, _ = _save_for(unets(model_id, "bf16"), tmp_path / "a.safetensors", model_id)
+    if model_id == "tiny-random":
+        torch.manual_seed(7)
+        other = UNet3DConditionModel(**UNET3D_CONFIG)
+    else:
+        other = build_tiny_random_unet(seed=7)
+    with pytest.raises(VmcError, match="its frozen weights differ"):
+        apply_adapter(other, path)
+
+
+def test_a_base_with_other_frozen_tensors_is_refused(tmp_path, unets):
+    path, _ = _save_for(unets("tiny-random", "fp32"), tmp_path / "a.safetensors", "tiny-random")
+    other = load_backbone("tiny-random").unet
+    other.register_buffer("extra_table", torch.zeros(3))  # same tuned tensors, one frozen tensor more
+    with pytest.raises(VmcError, match="its frozen tensors have other names or shapes"):
+        apply_adapter(other, path)
+
+
+def test_an_fp16_tuned_adapter_generates_at_the_default_precision(square_video, tmp_path):
+    """The C1 case's second half: train with --precision fp16, then generate without it."""
+    from vmc_fast.config import GenerateConfig
+    from vmc_fast.inference.generate import generate
+
+    cfg = _cfg(square_video, tmp_path, steps=1, precision="fp16")
+    cfg.data = DataConfig(videos=str(square_video), num_frames=4, height=16, width=16)
+    session = TuningSession(cfg)
+    assert any(p.dtype == torch.float16 for p in session.backbone.unet.parameters())  # frozen weights in fp16
+    prompt = "a square moving right"
+    done = session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                              tmp_path / "a.safetensors")
+    result = generate(GenerateConfig(adapter=str(done.adapter), prompt="a red ball", num_inference_steps=1,
+                                     output=None, cache_dir=str(tmp_path / "c")))
+    assert torch.isfinite(result.frames).all()
+
+
+# ---------------------------------------------------------------------------------- E2: --model as a folder
+
+
+def test_a_model_folder_is_recorded_by_its_absolute_path(square_video, tmp_path, monkeypatch):
+    from vmc_fast.config import GenerateConfig
+    from vmc_fast.inference.generate import generate
+    from vmc_fast.models.diffusers_unet3d import save_tiny_pretrained
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_tiny_pretrained(work / "tinymodel")
+    monkeypatch.chdir(work)
+    cfg = _cfg(square_video, tmp_path, model="tinymodel", steps=1)
+    cfg.data = DataConfig(videos=str(square_video), num_frames=4, height=16, width=16)
+    assert cfg.model.model_id == str((work / "tinymodel").resolve())
+    session = TuningSession(cfg)
+    prompt = "a square moving right"
+    done = session.tune_video(square_video, prompt, session.prompt_embeddings([prompt])[prompt],
+                              tmp_path / "a.safetensors")
+    assert read_adapter(done.adapter)[1].base_model == str((work / "tinymodel").resolve())
+
+    monkeypatch.chdir(elsewhere)  # the adapter names its base wherever generate runs
+    gen = GenerateConfig(adapter=str(done.adapter), prompt="a ball", num_inference_steps=1, output=None,
+                         cache_dir=str(tmp_path / "c"))
+    assert torch.isfinite(generate(gen).frames).all()
+    (work / "tinymodel").rename(tmp_path / "moved")
+    with pytest.raises(VmcError, match=r"adapter .*a.safetensors names base model '.*tinymodel' \(recorded when it "
+                                       r"was trained\), which cannot be loaded here: .*; pass --model"):
+        generate(gen)
+    moved = GenerateConfig(adapter=str(done.adapter), prompt="a ball", num_inference_steps=1, output=None,
+                           cache_dir=str(tmp_path / "c"), model_id="../moved")
+    assert moved.model_id == str((tmp_path / "moved").resolve())
+    assert torch.isfinite(generate(moved).frames).all()
+
+
+def test_model_ids_that_are_not_folders_stay_as_typed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-random").mkdir()  # a folder named like a built-in model: the built-in comes first
+    assert ModelConfig(model_id="tiny-random").model_id == "tiny-random"
+    assert ModelConfig(model_id="org/some-model").model_id == "org/some-model"
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    assert ModelConfig(model_id="models/mine").model_id == str(tmp_path.resolve() / "models" / "mine")

@@ -580,7 +580,7 @@ def test_generate_reads_its_video_with_the_background_and_sample_fps(tmp_path, m
         seen.append(sampling)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(video_module, "load_clip", spy)
+    monkeypatch.setattr(video_module, "read_clip", spy)
     cfg = GenerateConfig(video=str(square_video), background="#102030", sample_fps=4, output=None)
     with pytest.raises(RuntimeError, match="stop here"):
         generate._starting_point(cfg, None, {}, (8, 32, 32), torch.device("cpu"), None)

@@ -187,8 +187,10 @@ GENERATE_EXAMPLES = """
 Examples:\n
   # the paper's recipe: invert the training clip, sample with the tuned adapter and a new prompt\n
   vmc-fast generate --adapter vmc-out/adapters/bird.safetensors --video bird.mp4 --prompt "an airplane is flying"\n
-  # quick look on the CPU\n
-  vmc-fast generate --adapter vmc-out/adapters/example_zigzag.safetensors --steps 20 --out zigzag.gif\n
+  # quick look on the CPU, the built-in example's adapter with a new subject\n
+  vmc-fast generate --adapter vmc-out/adapters/example_zigzag.safetensors --prompt "a red square moving in a zigzag" --steps 20 --out zigzag.gif\n
+  # invert the clip as it was tuned (the adapter's start, stride and direction), but from frame 0\n
+  vmc-fast generate --adapter vmc-out/adapters/bird.safetensors --video bird.mp4 --prompt "a plane is flying" --start-frame 0\n
   # Show-1: keyframes, then interpolation and super-resolution from downloaded folders, IF-II skipped\n
   vmc-fast generate --adapter bird.safetensors --prompt "a plane is flying" --stage interpolation=/models/show-1-interpolation --stage sr1=/models/show-1-sr1 --stage sr1_first_frame=none --stage sr2=/models/show-1-sr2\n
   # the whole Show-1 cascade on the tiny random family, in seconds on a CPU\n

@@ -121,8 +121,9 @@ class FrameOptions:
         for name in ("height", "width"):
             value = getattr(self, name)
             check_field(value is None or 8 <= value <= 4096, f"--{name}", "must be between 8 and 4096 pixels")
-        check_field(self.frame_stride >= 1, "--frame-stride", "must be at least 1")
-        check_field(self.resize in RESIZE_MODES, "--resize", f"must be one of {', '.join(RESIZE_MODES)}")
+        check_field(self.frame_stride is None or self.frame_stride >= 1, "--frame-stride", "must be at least 1")
+        check_field(self.resize is None or self.resize in RESIZE_MODES, "--resize",
+                    f"must be one of {', '.join(RESIZE_MODES)}")
 
 
 @dataclass
@@ -167,6 +168,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_field(bool(self.model_id.strip()), "--model", "must not be empty")
+        self.model_id = resolve_model_id(self.model_id)
         check_field(self.frozen_dtype in FROZEN_DTYPES, "--frozen-dtype",
                     f"must be one of {', '.join(FROZEN_DTYPES)}")
         check_field(self.attention in ATTENTION_BACKENDS, "--attention",
@@ -274,7 +276,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_field(bool(self.out_dir.strip()), "--out", "must not be empty")
-        check_field(self.prompt is None or bool(self.prompt.strip()), "--prompt", "must not be empty")
+        if self.prompt is not None:
+            self.prompt = normalized_prompt(self.prompt)
+        check_field(self.prompt is None or bool(self.prompt), "--prompt", "must not be empty")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -340,10 +344,23 @@ class GenerateConfig(FrameOptions):
     sample_fps: float | None = None
     """Sample the --video clip by time at this rate, as `train --fps` does (--fps here is the output's rate);
     default: by index."""
+    frame_stride: int | None = None
+    """--video: take every k-th source frame; default: the adapter's (as it was tuned), else 1."""
+    resize: str | None = None
+    """--video: crop (keep the aspect) | squash (stretch); default: the adapter's, else crop."""
+    start_frame: int | None = None
+    """--video: first source frame; default: the adapter's (as it was tuned), else 0."""
+    reverse: bool | None = field(default=None, metadata=option("--reverse/--no-reverse"))
+    """--video: play the clip backwards (or not); default: the adapter's (as it was tuned), else forwards."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_field(self.model_id is None or bool(self.model_id.strip()), "--model", "must not be empty")
+        if self.model_id is not None:
+            self.model_id = resolve_model_id(self.model_id)
+        self.prompt, self.negative_prompt, self.inversion_prompt = map(
+            normalized_prompt, (self.prompt, self.negative_prompt, self.inversion_prompt))
+        check_field(self.start_frame is None or self.start_frame >= 0, "--start-frame", "must be 0 or more")
         check_field(1 <= self.num_inference_steps <= 1000, "--steps", "must be between 1 and 1000")
         check_field(1 <= self.inversion_steps <= 1000, "--inversion-steps", "must be between 1 and 1000")
         check_field(0.0 <= self.guidance_scale <= 100.0, "--guidance-scale", "must be between 0 and 100")
@@ -365,6 +382,28 @@ class GenerateConfig(FrameOptions):
             check_field(Path(self.adapter).expanduser().is_file(), "--adapter", f"no such file: {self.adapter}")
         if self.video is not None:
             check_field(Path(self.video).expanduser().exists(), "--video", f"{self.video} does not exist")
+
+
+def resolve_model_id(model_id: str) -> str:
+    """A model id as recorded: an existing local folder as its absolute path (so that adapters and run records
+    name it from anywhere), anything else (built-in names, hub ids) unchanged."""
+    folder = Path(model_id).expanduser()
+    if not folder.is_dir():
+        return model_id
+    from vmc_fast.models.registry import available_models
+
+    return model_id if model_id in available_models() else str(folder.resolve())  # built-in names come first
+
+
+def normalized_prompt(text: str) -> str:
+    """`vmc_fast.io.prompts.normalize_prompt`: typed prompts take the same form as prompts read from files."""
+    from vmc_fast.io.prompts import normalize_prompt
+
+    return normalize_prompt(text)
+
+
+GENERATE_SAMPLING_DEFAULTS = {"frame_stride": 1, "resize": "crop", "start_frame": 0, "reverse": False}
+"""`vmc-fast generate --video` sampling without the option and without an adapter that records it."""
 
 
 # ------------------------------------------------------------------------------------------------ options

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vmc_fast import __version__
-from vmc_fast.config import GenerateConfig
+from vmc_fast.config import GENERATE_SAMPLING_DEFAULTS, GenerateConfig
 from vmc_fast.errors import VmcError
 from vmc_fast.inference.ddim import (
     StepCallback,
@@ -57,6 +57,11 @@ class GenerateResult:
     models), write."""
     note: str = ""
     """What this run left out (e.g. the cascade with keyframes_only); empty when nothing was left out."""
+    inverted: dict | None = None
+    """--video: what was inverted: ``video`` (absolute path), ``sampling`` (as used) and ``frames`` (source frame
+    indices in clip order); None when sampling started from noise."""
+    prompts: dict = dataclasses.field(default_factory=dict)
+    """Role (prompt, negative, inversion) -> what its text encoder read (`TokenReport` fields), or None."""
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -69,20 +74,23 @@ def generate(cfg: GenerateConfig, backbone=None, on_step: StepCallback | None = 
     into its UNet in place). Models with a cascade (Show-1) then run it unless cfg.keyframes_only.
     Raises VmcError for an adapter of another base model, ValueError for options that do not fit the model.
     """
+    model_from_adapter = cfg.model_id is None and cfg.adapter is not None
     cfg = resolve_model(cfg)
     _warn_ignored(cfg)
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
-        backbone = backbone or _load(cfg)
+        backbone = backbone or _load(cfg, model_from_adapter)
         device = next(backbone.unet.parameters()).device
     with timed(seconds, "adapter"):
         info = _apply_adapter(backbone, cfg.adapter)
+    from_adapter = [name for name in GENERATE_SAMPLING_DEFAULTS if getattr(cfg, name) is None and info is not None]
+    cfg = resolve_sampling(cfg, info)
     size = _size(cfg, backbone, info)
     with timed(seconds, "prompts"):
-        states = _prompt_states(cfg, backbone, device)
+        states, token_reports = _prompt_states(cfg, backbone, device)
     with autocast(cfg.precision, device):
         with timed(seconds, "invert"):
-            x_T = _starting_point(cfg, backbone, states, size, device, on_step)
+            x_T, inverted = _starting_point(cfg, backbone, states, size, device, on_step, from_adapter)
         with timed(seconds, "sample"):
             generator = torch.Generator(device).manual_seed(cfg.seed)
             guided = cfg.guidance_scale != 1.0
@@ -95,9 +103,11 @@ def generate(cfg: GenerateConfig, backbone=None, on_step: StepCallback | None = 
     with autocast(cfg.precision, device):
         frames, note = _cascade(cfg, backbone, frames, states, seconds, on_step)
     _check_finite(frames, "final frames", cfg.precision, device)
+    result = GenerateResult(frames=frames, x_T=x_T.cpu(), output=None, seconds=seconds, note=note,
+                            inverted=inverted, prompts=token_reports)
     with timed(seconds, "write"):
-        output = _write(cfg, frames, info, seconds, note) if cfg.output else None
-    return GenerateResult(frames=frames, x_T=x_T.cpu(), output=output, seconds=seconds, note=note)
+        result.output = _write(cfg, result, info) if cfg.output else None
+    return result
 
 
 def _check_finite(frames: torch.Tensor, what: str, precision: str, device: torch.device) -> None:
@@ -119,6 +129,20 @@ def resolve_model(cfg: GenerateConfig) -> GenerateConfig:
     from vmc_fast.tuning.adapters import read_adapter
 
     return dataclasses.replace(cfg, model_id=read_adapter(Path(cfg.adapter).expanduser())[1].base_model)
+
+
+def resolve_sampling(cfg: GenerateConfig, info) -> GenerateConfig:
+    """--video sampling (start_frame, frame_stride, reverse, resize) filled in: each option given, else the
+    adapter's record of how its training frames were taken, else GENERATE_SAMPLING_DEFAULTS. Without --video
+    the config is returned unchanged."""
+    if cfg.video is None:
+        return cfg
+    recorded = dict(info.sampling) if info is not None else {}
+    if info is not None and "reverse" in info.extra:  # adapters before 2026-12 recorded only this one
+        recorded.setdefault("reverse", info.extra["reverse"])
+    values = {name: getattr(cfg, name) if getattr(cfg, name) is not None else recorded.get(name, default)
+              for name, default in GENERATE_SAMPLING_DEFAULTS.items()}
+    return dataclasses.replace(cfg, **values)
 
 
 def _cascade(cfg: GenerateConfig, backbone, keyframes: torch.Tensor, states: dict[str, torch.Tensor],
@@ -143,7 +167,7 @@ def _cascade(cfg: GenerateConfig, backbone, keyframes: torch.Tensor, states: dic
 def _warn_ignored(cfg: GenerateConfig) -> None:
     defaults = GenerateConfig.__dataclass_fields__
     if cfg.video is None:
-        unused = [name for name in ("inversion_prompt", "inversion_steps", "frame_stride", "resize")
+        unused = [name for name in ("inversion_prompt", "inversion_steps", *GENERATE_SAMPLING_DEFAULTS)
                   if getattr(cfg, name) != defaults[name].default]
         if unused:
             warnings.warn(f"{', '.join(unused)}: ignored without --video (sampling starts from noise)", stacklevel=3)
@@ -152,12 +176,19 @@ def _warn_ignored(cfg: GenerateConfig) -> None:
                       f"x_T is then taken at another noise level than sampling starts from", stacklevel=3)
 
 
-def _load(cfg: GenerateConfig):
+def _load(cfg: GenerateConfig, model_from_adapter: bool = False):
     from vmc_fast.models.registry import LoadOptions, load_backbone
 
     # Nothing is trained here, so the frozen weights are stored in the compute dtype.
     device = resolve_device(cfg.device)
-    return load_backbone(cfg.model_id, LoadOptions(dtype=compute_dtype(cfg.precision, device), device=str(device)))
+    try:
+        return load_backbone(cfg.model_id, LoadOptions(dtype=compute_dtype(cfg.precision, device),
+                                                       device=str(device)))
+    except VmcError as exc:
+        if not model_from_adapter:
+            raise
+        raise VmcError(f"adapter {cfg.adapter} names base model {cfg.model_id!r} (recorded when it was trained), "
+                       f"which cannot be loaded here: {exc}; pass --model with its location") from exc
 
 
 def _apply_adapter(backbone, adapter: str | None):
@@ -180,41 +211,85 @@ def _size(cfg: GenerateConfig, backbone, info) -> tuple[int, int, int]:
     return pick("num_frames"), pick("height"), pick("width")
 
 
-def _prompt_states(cfg: GenerateConfig, backbone, device: torch.device) -> dict[str, torch.Tensor]:
-    """{"prompt", "negative", "inversion"} -> (1, L, D) float32 states; the encoder is built at most once."""
-    from vmc_fast.io.prompts import cached_prompt_embeddings, embedding_model_key
+def _prompt_states(cfg: GenerateConfig, backbone, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """({"prompt", "negative", "inversion"} -> (1, L, D) float32 states, role -> what its encoder read (a dict of
+    `TokenReport` fields, or None)); the encoder is built at most once, and long prompts warn."""
+    from vmc_fast.io.prompts import embedding_model_key, encode_prompts
 
     texts = {"prompt": cfg.prompt, "negative": cfg.negative_prompt, "inversion": cfg.inversion_prompt}
-    embeddings = cached_prompt_embeddings(list(dict.fromkeys(texts.values())),
-                                          embedding_model_key(cfg.model_id, backbone.family), cfg.cache_dir,
-                                          backbone.load_text_encoder)
-    return {role: embeddings[text].unsqueeze(0).to(device) for role, text in texts.items()}
+    encoded = encode_prompts(list(dict.fromkeys(texts.values())), embedding_model_key(cfg.model_id, backbone.family),
+                             cfg.cache_dir, backbone.load_text_encoder)
+    states = {role: encoded[text].states.unsqueeze(0).to(device) for role, text in texts.items()}
+    reports = {role: dataclasses.asdict(encoded[text].tokens) if encoded[text].tokens is not None else None
+               for role, text in texts.items()}
+    return states, reports
 
 
 def _starting_point(cfg: GenerateConfig, backbone, states: dict[str, torch.Tensor], size: tuple[int, int, int],
-                    device: torch.device, on_step: StepCallback | None) -> torch.Tensor:
-    """x_T (1, C, F, h, w) float32: the inverted input clip, or seeded Gaussian noise without one."""
+                    device: torch.device, on_step: StepCallback | None,
+                    from_adapter: list[str] = ()) -> tuple[torch.Tensor, dict | None]:
+    """(x_T (1, C, F, h, w) float32, what was inverted): the inverted input clip, sampled as `resolve_sampling`
+    chose (`from_adapter`: the settings taken from the adapter, named when the clip cannot give them), or seeded
+    Gaussian noise without one (then None)."""
     if cfg.video is None:
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
-        return torch.randn(latent_shape(backbone, size), generator=generator).to(device)
-    from vmc_fast.io.video import FrameSampling, load_clip
+        return torch.randn(latent_shape(backbone, size), generator=generator).to(device), None
+    from vmc_fast.io.video import FrameSampling, read_clip
 
     num_frames, height, width = size
     sampling = FrameSampling(num_frames=num_frames, height=height, width=width, stride=cfg.frame_stride,
-                             resize=cfg.resize, background=cfg.background, fps=cfg.sample_fps)
-    pixels = load_clip(Path(cfg.video).expanduser(), sampling).unsqueeze(0).to(device)
-    return invert_clip(backbone, backbone.encode_pixels(pixels).float(), states["inversion"], cfg.inversion_steps,
-                       on_step)
+                             start=cfg.start_frame, resize=cfg.resize, reverse=cfg.reverse,
+                             background=cfg.background, fps=cfg.sample_fps)
+    video = Path(cfg.video).expanduser().resolve()
+    try:
+        pixels, clip = read_clip(video, sampling)
+    except VmcError as exc:
+        if not from_adapter:
+            raise
+        taken = ", ".join(_as_option(name, getattr(cfg, name)) for name in from_adapter)
+        raise VmcError(f"{exc} (generate took {taken} from the adapter, as it was tuned; pass them to override)") \
+            from exc
+    x_T = invert_clip(backbone, backbone.encode_pixels(pixels.unsqueeze(0).to(device)).float(), states["inversion"],
+                      cfg.inversion_steps, on_step)
+    return x_T, {"video": str(video), "sampling": dataclasses.asdict(sampling), "frames": list(clip.frame_indices)}
 
 
-def _write(cfg: GenerateConfig, frames: torch.Tensor, info, seconds: dict[str, float], note: str) -> Path:
-    """The video, then its JSON sidecar (same name, .json): the config, the adapter's metadata, timings."""
-    output = write_video_atomic(frames, cfg.output, cfg.fps)
-    record = {"video": str(output), "frames": list(frames.shape[1:]), "config": dataclasses.asdict(cfg),
-              "adapter": dataclasses.asdict(info) if info is not None else None, "note": note,
-              "seconds": {k: round(v, 3) for k, v in seconds.items()}, "vmc_fast": __version__}
+def _as_option(name: str, value) -> str:
+    """How `value` of field `name` is written on the command line: ``--start-frame 30``, ``--no-reverse``."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+def _write(cfg: GenerateConfig, result: GenerateResult, info) -> Path:
+    """The video, then its JSON sidecar (same name, .json): every setting (resolved: model, sampling), the seed,
+    where sampling started and the frames inverted, what the text encoder read of each prompt, the adapter's
+    metadata, the output size, timings and versions."""
+    output = write_video_atomic(result.frames, cfg.output, cfg.fps)
+    record = {
+        "video": str(output), "frames": list(result.frames.shape[1:]), "config": dataclasses.asdict(cfg),
+        "model": cfg.model_id, "seed": cfg.seed, "start": "noise" if result.inverted is None else "inversion",
+        "inverted": result.inverted, "prompts": result.prompts,
+        "adapter_path": str(Path(cfg.adapter).expanduser().resolve()) if cfg.adapter else None,
+        "adapter": info.summary() if info is not None else None, "note": result.note,
+        "seconds": {k: round(v, 3) for k, v in result.seconds.items()}, "versions": _versions(),
+        "vmc_fast": __version__,
+    }
     write_text_atomic(output.with_suffix(".json"), json.dumps(record, indent=1, default=str) + "\n")
     return output
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    versions = {"vmc_fast": __version__, "torch": torch.__version__}
+    for name in ("diffusers", "transformers", "av"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from vmc_fast.errors import VmcError
+from vmc_fast.io.prompts import TokenReport, token_report
 from vmc_fast.models import tiny
 from vmc_fast.models.registry import Backbone, LoadOptions, register, register_family
 
@@ -66,13 +67,22 @@ class ClipPromptEncoder:
             raise VmcError(f"model {model_id!r}: could not load tokenizer/text_encoder ({exc})") from exc
         return cls(tokenizer, text_encoder)
 
+    @property
+    def max_length(self) -> int:
+        """Tokens the encoder reads, start and end tokens included (77 for CLIP)."""
+        return min(77, self.tokenizer.model_max_length)
+
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        max_length = min(77, self.tokenizer.model_max_length)
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+        # Longer prompts are cut at max_length; encoded_text says where, and the prompt cache warns.
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt")
         device = next(self.text_encoder.parameters()).device
         return self.text_encoder(tokens.input_ids.to(device)).last_hidden_state.float().cpu()
+
+    def encoded_text(self, prompt: str) -> TokenReport:
+        """How much of `prompt` __call__ encodes (the rest is dropped)."""
+        return token_report(self.tokenizer, prompt, self.max_length)
 
 
 # --------------------------------------------------------------------------------------------- tiny-random

@@ -22,7 +22,7 @@ from typing import Iterator, Protocol
 from vmc_fast.config import RunConfig
 from vmc_fast.errors import NonFiniteError, VmcError
 from vmc_fast.io.files import write_text_atomic
-from vmc_fast.io.prompts import appearance_invariant, resolve_prompts
+from vmc_fast.io.prompts import derive_prompt, resolve_prompt_sources
 from vmc_fast.io.video import ClipInfo, find_videos
 from vmc_fast.tuning.loop import StepStats
 
@@ -41,6 +41,8 @@ class Job:
     """Where its adapter goes."""
     source_prompt: str | None = None
     """The prompt before --derive-prompt rewrote it."""
+    no_prompt: str | None = None
+    """Why it has no prompt, and the fix (None when it has one)."""
 
 
 class Reporter(Protocol):
@@ -152,18 +154,17 @@ def _finite_or_none(obj):
 def plan_jobs(cfg: RunConfig) -> list[Job]:
     """All videos of the run with their prompts and adapter paths (raises VmcError on unusable input)."""
     videos = find_videos(cfg.data.videos)
-    prompts = resolve_prompts(videos, cfg.prompt)
+    prompts = resolve_prompt_sources(videos, cfg.prompt)
     names = _adapter_names(videos)
     adapters_dir = Path(cfg.out_dir) / "adapters"
     jobs = []
     for video in videos:
-        prompt = prompts[video]
-        derived = appearance_invariant(prompt) if (prompt and cfg.derive_prompt) else prompt
+        prompt = prompts[video].text
+        derived = derive_prompt(prompt, video) if (prompt and cfg.derive_prompt) else prompt
         jobs.append(Job(video=video.resolve(), prompt=derived, adapter=adapters_dir / f"{names[video]}.safetensors",
-                        source_prompt=prompt))
+                        source_prompt=prompt, no_prompt=None if prompt else prompts[video].problem(video)))
     if len(jobs) == 1 and jobs[0].prompt is None:
-        raise VmcError(f"video {videos[0]}: no prompt; pass --prompt \"a bird is flying\" or put it in "
-                       f"{videos[0].with_suffix('.txt').name} beside the video")
+        raise VmcError(jobs[0].no_prompt)
     return jobs
 
 
@@ -213,8 +214,8 @@ def run_jobs(session, jobs: list[Job], manifest: Manifest, reporter: Reporter) -
 
 def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: Reporter) -> dict:
     if not job.prompt:
-        return manifest.update(job.video, status="failed", error=f"video {job.video}: no prompt; add "
-                               f"{job.video.stem}.txt beside it, an entry in prompts.yaml, or pass --prompt")
+        return manifest.update(job.video, status="failed", error=job.no_prompt or f"video {job.video}: no prompt; "
+                               f"pass --prompt, or put it in a caption file beside the video")
     manifest.update(job.video, status="pending", prompt=job.prompt)
     try:
         done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, reporter.step,
@@ -229,11 +230,12 @@ def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: 
         log.write_text(traceback.format_exc())
         return manifest.update(job.video, status="failed", error=f"{type(exc).__name__}: {exc} (traceback: {log})")
     return manifest.update(
-        job.video, status="done", adapter=str(done.adapter), final_loss=done.result.final_loss,
+        job.video, status="done", adapter=str(Path(done.adapter).resolve()), final_loss=done.result.final_loss,
         seconds=round(done.result.seconds, 3), steps=len(done.result.losses),
         peak_memory_bytes=done.peak_memory_bytes, source_prompt=job.source_prompt,
         **(done.clip.manifest_fields() if getattr(done, "clip", None) else {}),
         skipped_steps=done.result.skipped_steps,
+        encoded_prompt=done.encoded_prompt, prompt_truncated=done.encoded_prompt not in (None, job.prompt),
     )
 
 

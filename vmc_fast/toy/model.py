@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vmc_fast.errors import VmcError
+from vmc_fast.errors import VmcError, VmcWarning
 from vmc_fast.models.registry import Backbone, LoadOptions, register
 from vmc_fast.models.show1.unet import Show1Config, Show1UNet3D
 from vmc_fast.models.tiny import PROMPT_LENGTH, T5_SPECIAL_TOKENS, t5_style_tokenizer
@@ -114,7 +115,18 @@ def build_toy_tokenizer():
 
 
 def tokenize(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Prompts -> {"input_ids", "attention_mask"}: (B, 77) int64 each, padded as T5PromptEncoder does."""
+    """Prompts -> {"input_ids", "attention_mask"}: (B, 77) int64 each, padded as T5PromptEncoder does.
+
+    A caption longer than 77 tokens is cut there, as T5PromptEncoder cuts it; a VmcWarning names the dropped end.
+    """
+    from vmc_fast.io.prompts import token_report
+
+    for prompt in prompts:
+        report = token_report(tokenizer, prompt, PROMPT_LENGTH)
+        if report.truncated:
+            warnings.warn(VmcWarning(f"toy caption {prompt[:40]!r}... is {report.num_tokens} tokens; the toy text "
+                                     f"encoder reads {PROMPT_LENGTH}, so {report.dropped!r} is dropped"),
+                          stacklevel=2)
     batch = tokenizer(list(prompts), padding="max_length", max_length=PROMPT_LENGTH, truncation=True,
                       return_tensors="pt")
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -9,6 +9,7 @@ frozen weights are never copied per video.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -22,11 +23,11 @@ from safetensors import safe_open
 from vmc_fast.config import RunConfig
 from vmc_fast.errors import VmcWarning
 from vmc_fast.io.files import atomic_save_file
-from vmc_fast.io.prompts import cached_prompt_embeddings, embedding_model_key
+from vmc_fast.io.prompts import embedding_model_key, encode_prompts
 from vmc_fast.io.video import ClipInfo, FrameSampling, read_clip
 from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
 from vmc_fast.runtime import COMPUTE_DTYPES, compute_dtype
-from vmc_fast.tuning.adapters import base_fingerprint, save_adapter
+from vmc_fast.tuning.adapters import base_fingerprint, base_reference, sampled_frames, save_adapter
 from vmc_fast.tuning.loop import StepStats, TuneResult, tune
 from vmc_fast.tuning.losses import loss_formula
 from vmc_fast.tuning.steps import OptimizerStep, TorchStep, whole_parameters
@@ -49,6 +50,8 @@ class VideoResult:
     """Peak accelerator memory allocated during tuning (0 on CPU)."""
     clip: ClipInfo | None = None
     """Which frames were taken from the video, turned, cropped and resized how."""
+    encoded_prompt: str | None = None
+    """The part of the prompt the text encoder read (shorter than the prompt when it was cut); None: unknown."""
 
 
 class TuningSession:
@@ -64,6 +67,7 @@ class TuningSession:
         self.surgery = self._surgery()
         trainable_names = {n for n, p in self.backbone.unet.named_parameters() if p.requires_grad}
         self.fingerprint = base_fingerprint(self.backbone.unet, exclude=trainable_names)  # before any requantising
+        self.base = base_reference(self.backbone.unet, exclude=trainable_names)
         self.precision = self._frozen_precision()
         self._checkpointing()
         self._attention_backend()
@@ -73,6 +77,7 @@ class TuningSession:
         self._make_optimizer_step = make_optimizer_step or (lambda unet, params: TorchStep(params, cfg.train))
         self._optimizer_step: OptimizerStep | None = None  # the latest; it knows whether parameters are partitioned
         self.sampling = self._sampling()
+        self.encoded_prompts: dict[str, str | None] = {}  # prompt -> what its text encoder read
 
     # ------------------------------------------------------------------------------------------ setup steps
 
@@ -132,9 +137,11 @@ class TuningSession:
     # ------------------------------------------------------------------------------------------ per video
 
     def prompt_embeddings(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Embeddings of all prompts of a run, computed in one encoder session (then the encoder is freed)."""
-        return cached_prompt_embeddings(prompts, self._model_key(), self.cfg.cache_dir,
-                                        self.backbone.load_text_encoder)
+        """Embeddings of all prompts of a run, computed in one encoder session (then the encoder is freed).
+        Warns for prompts longer than the encoder reads; adapters record what it read."""
+        encoded = encode_prompts(prompts, self._model_key(), self.cfg.cache_dir, self.backbone.load_text_encoder)
+        self.encoded_prompts.update({p: e.encoded_text for p, e in encoded.items()})
+        return {p: e.states for p, e in encoded.items()}
 
     def _model_key(self) -> str:
         return embedding_model_key(self.cfg.model.model_id, self.backbone.family)
@@ -189,8 +196,9 @@ class TuningSession:
         with whole_parameters(self._optimizer_step):  # on every rank: under ZeRO-3 gathering is collective
             state = trainable_state(unet)
         if self.write_adapters:
-            self.save(adapter_path, prompt, result, state)
-        return VideoResult(adapter=adapter_path, result=result, peak_memory_bytes=peak, clip=clip_info)
+            self.save(adapter_path, prompt, result, state, video=video, clip=clip_info)
+        return VideoResult(adapter=adapter_path, result=result, peak_memory_bytes=peak, clip=clip_info,
+                           encoded_prompt=self.encoded_prompts.get(prompt))
 
     def reset_trainable(self) -> None:
         """Copy the base weights back into the tuned tensors (in place: compiled graphs stay valid)."""
@@ -198,18 +206,33 @@ class TuningSession:
             for param, initial in zip(self.params, self._initial):
                 param.copy_(initial)
 
-    def save(self, path: Path, prompt: str, result: TuneResult, state: dict[str, torch.Tensor]) -> Path:
-        """Write the adapter of `state`, the tuned tensors (whole, on the CPU)."""
+    def save(self, path: Path, prompt: str, result: TuneResult, state: dict[str, torch.Tensor],
+             video: Path | None = None, clip: ClipInfo | None = None) -> Path:
+        """Write the adapter of `state`, the tuned tensors (whole, on the CPU), tuned on `video` (`clip`: what was
+        taken from it)."""
         s = self.sampling
         return save_adapter(
             path, state, base_model=self.cfg.model.model_id, fingerprint=self.fingerprint, prompt=prompt,
-            steps=self.cfg.train.steps, final_loss=result.final_loss, loss=self.cfg.train.loss, num_frames=s.num_frames, height=s.height,
-            width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
+            steps=self.cfg.train.steps, final_loss=result.final_loss, loss=self.cfg.train.loss,
+            num_frames=s.num_frames, height=s.height, width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
                                   "reverse": s.reverse, "family": self.backbone.family,
                                   "loss_weight": self.cfg.train.loss_weight,
                                   "loss_formula": loss_formula(self.cfg.train.loss, self.cfg.train.loss_weight),
                                   "skipped_steps": result.skipped_steps},
+            base=self.base, sampling=self.sampling_record(video, clip),
+            encoded_prompt=self.encoded_prompts.get(prompt),
         )
+
+    def sampling_record(self, video: Path | None, clip: ClipInfo | None = None) -> dict:
+        """How frames are taken from `video`: every sampling setting of the run (all DataConfig fields but
+        `videos`, sizes resolved), the source frame indices in training order (as `clip` says they were taken,
+        else computed from start and stride), the video's absolute path."""
+        record = {k: v for k, v in dataclasses.asdict(self.cfg.data).items() if k != "videos"}
+        s = self.sampling
+        frames = list(clip.frame_indices) if clip is not None else sampled_frames(s)
+        record.update(num_frames=s.num_frames, height=s.height, width=s.width, frames=frames,
+                      video=str(Path(video).resolve()) if video is not None else None)
+        return record
 
 
 def _read_latent_cache(path: Path) -> tuple[torch.Tensor, ClipInfo] | None:

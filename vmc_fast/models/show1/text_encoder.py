@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vmc_fast.errors import VmcError
+from vmc_fast.io.prompts import TokenReport, token_report
 from vmc_fast.models.show1.loading import RepositorySource
 
 PROMPT_LENGTH = 77
@@ -33,6 +34,10 @@ class T5PromptEncoder:
         out = self.encoder(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device))
         return out.last_hidden_state.float()
+
+    def encoded_text(self, prompt: str) -> TokenReport:
+        """How much of `prompt` __call__ encodes: prompts longer than max_length tokens are cut there."""
+        return token_report(self.tokenizer, prompt, self.max_length)
 
 
 def _encoder_kwargs(device: str, dtype: torch.dtype, load_in_8bit: bool) -> dict:
