@@ -156,8 +156,10 @@ class TuningSession:
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
     def tune_video(self, video: Path, prompt: str, text_states: torch.Tensor, adapter_path: Path,
-                   on_step: Callable[[StepStats], None] | None = None) -> VideoResult:
-        """Reset the tuned tensors, tune on `video`, write the adapter atomically."""
+                   on_step: Callable[[StepStats], None] | None = None, *,
+                   request_hash: str | None = None) -> VideoResult:
+        """Reset the tuned tensors, tune on `video`, write the adapter atomically (recording `request_hash`,
+        the run's key for this video: `vmc_fast.runs.library.request_key`)."""
         clip = self.load_input(video)
         self.reset_trainable()
         if self.device.type == "cuda":
@@ -171,7 +173,7 @@ class TuningSession:
         with whole_parameters(self._optimizer_step):  # on every rank: under ZeRO-3 gathering is collective
             state = trainable_state(unet)
         if self.write_adapters:
-            self.save(adapter_path, prompt, result, state)
+            self.save(adapter_path, prompt, result, state, request_hash=request_hash)
         return VideoResult(adapter=adapter_path, result=result, peak_memory_bytes=peak)
 
     def reset_trainable(self) -> None:
@@ -180,12 +182,14 @@ class TuningSession:
             for param, initial in zip(self.params, self._initial):
                 param.copy_(initial)
 
-    def save(self, path: Path, prompt: str, result: TuneResult, state: dict[str, torch.Tensor]) -> Path:
+    def save(self, path: Path, prompt: str, result: TuneResult, state: dict[str, torch.Tensor], *,
+             request_hash: str | None = None) -> Path:
         """Write the adapter of `state`, the tuned tensors (whole, on the CPU)."""
         s = self.sampling
         return save_adapter(
             path, state, base_model=self.cfg.model.model_id, fingerprint=self.fingerprint, prompt=prompt,
             steps=self.cfg.train.steps, final_loss=result.final_loss, loss=self.cfg.train.loss, num_frames=s.num_frames, height=s.height,
             width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
-                                  "reverse": s.reverse, "family": self.backbone.family},
+                                  "reverse": s.reverse, "family": self.backbone.family,
+                                  "request_hash": request_hash},
         )
