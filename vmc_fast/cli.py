@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vmc_fast.config import GenerateConfig, Option, RunConfig, from_options, options
 from vmc_fast.errors import VmcError
@@ -31,7 +32,7 @@ app = typer.Typer(
 
 
 def _fail(message: str, console: Console) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -57,7 +58,7 @@ def _interruptible(what: str | Callable[[], str]) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         text = what() if callable(what) else what
-        _console(stderr=True).print(f"[yellow]interrupted:[/] {text}", highlight=False, soft_wrap=True)
+        _console(stderr=True).print(f"[yellow]interrupted:[/] {escape(text)}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
 
 
@@ -247,9 +248,9 @@ def _generate(cfg: GenerateConfig, console: Console) -> None:
             result = generate(cfg, on_step=on_step)
     except (VmcError, ValueError) as exc:
         _fail(str(exc), console)
-    console.print(f"[green]wrote[/] {result.output}  ({sum(result.seconds.values()):.1f} s)")
+    console.print(f"[green]wrote[/] {escape(str(result.output))}  ({sum(result.seconds.values()):.1f} s)")
     if result.note:
-        console.print(f"[yellow]note:[/] {result.note}")
+        console.print(f"[yellow]note:[/] {escape(result.note)}")
 
 
 config_command("generate", GenerateConfig, _generate, epilog=GENERATE_EXAMPLES, required=("prompt",),
@@ -290,7 +291,7 @@ def _bench(cfg, console: Console, json_output: bool) -> None:
     if records:
         console.print(bench_table(records))
     for failure in failures:
-        console.print(f"[yellow]{failure.name}: {failure.status}[/]: {failure.reason}", soft_wrap=True)
+        console.print(f"[yellow]{failure.name}: {failure.status}[/]: {escape(failure.reason)}", soft_wrap=True)
     if json_output:
         for record in records:
             print(json.dumps(record, sort_keys=True))

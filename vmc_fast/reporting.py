@@ -7,6 +7,7 @@ import time
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,21 +51,22 @@ class RichReporter:
 
     def run_started(self, cfg: RunConfig, jobs: list[Job], num_skipped: int) -> None:
         saved = f"saved to {cfg.out_dir}/config.json" if jobs else "nothing to tune, nothing written"
-        self.console.print(f"[bold]vmc-fast train[/] config ({saved}):")
+        self.console.print(f"[bold]vmc-fast train[/] config ({escape(saved)}):")
         self.console.print_json(cfg.to_json())
         if num_skipped:
             self.console.print(f"resuming: {num_skipped} video(s) already done, {len(jobs)} to tune")
         for job in jobs:
             if job.prompt and job.source_prompt != job.prompt:
-                self.console.print(f"prompt for {job.video.name}: [cyan]{job.prompt!r}[/] "
-                                   f"(derived from {job.source_prompt!r})")
+                self.console.print(f"prompt for {escape(job.video.name)}: [cyan]{escape(repr(job.prompt))}[/] "
+                                   f"(derived from {escape(repr(job.source_prompt))})")
         self.progress.start()
         self._run_task = self.progress.add_task("videos", total=len(jobs), loss="-", rate="", memory="")
 
     def video_started(self, job: Job, index: int, total: int) -> None:
         if self._video_task is not None:
             self.progress.remove_task(self._video_task)
-        self._video_task = self.progress.add_task(job.video.name[:20], total=None, loss="-", rate="", memory="")
+        self._video_task = self.progress.add_task(escape(job.video.name[:20]), total=None, loss="-", rate="",
+                                                  memory="")
         self._video_name, self._last_line = job.video.name, time.monotonic()
         if not self.console.is_terminal:
             self._plain(f"video {index}/{total}: {job.video.name} -> {job.adapter}")
@@ -89,9 +91,10 @@ class RichReporter:
     def video_finished(self, job: Job, entry: dict) -> None:
         self.progress.advance(self._run_task)
         if entry["status"] == "failed":
-            self.progress.console.print(f"[red]failed[/] {job.video.name}: {entry['error']}")
+            self.progress.console.print(f"[red]failed[/] {escape(job.video.name)}: {escape(entry['error'])}",
+                                        soft_wrap=True)
         else:
-            self.progress.console.print(f"[green]done[/] {job.video.name} -> {entry['adapter']} "
+            self.progress.console.print(f"[green]done[/] {escape(job.video.name)} -> {escape(entry['adapter'])} "
                                         f"(final loss {entry['final_loss']:.4f}, {entry['seconds']:.1f} s)")
 
     def close(self) -> None:
@@ -112,7 +115,8 @@ def summary_table(summary: RunSummary) -> Table:
         loss = f"{e['final_loss']:.4f}" if "final_loss" in e and e["status"] == "done" else ""
         secs = f"{e['seconds']:.1f}" if "seconds" in e and e["status"] == "done" else ""
         style = {"done": "green", "failed": "red"}.get(e["status"], "yellow")
-        table.add_row(e["video"], f"[{style}]{e['status']}[/]", loss, secs, e.get("adapter") or e.get("error", ""))
+        table.add_row(escape(e["video"]), f"[{style}]{e['status']}[/]", loss, secs,
+                      escape(e.get("adapter") or e.get("error", "")))
     return table
 
 

@@ -243,7 +243,7 @@ class AgreeingSession:
         except Exception as exc:
             if self.ranks.broken:
                 raise RankStopped(_one_line(exc)) from exc
-            self.ranks.settle(f"video {video.name}: {exc}" if isinstance(exc, VmcError) else _one_line(exc))
+            self.ranks.settle(str(exc) if isinstance(exc, VmcError) else f"{video.name}: {_one_line(exc)}")
             raise AssertionError("settle() with a problem always raises")  # pragma: no cover
         self.ranks.settle(None)
         return done

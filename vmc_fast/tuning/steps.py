@@ -240,6 +240,15 @@ class DeepSpeedStep:
             return None
         return f"the gradient norm became {norm} at step {self.step_index}; the update was not applied"
 
+    def full_parameters(self, modify: bool = False) -> contextlib.AbstractContextManager:
+        """ZeRO-3: gathers the partitions (collective: every rank must enter); with `modify`, rank 0's in-place
+        changes are what every rank keeps. Other stages: nothing to do."""
+        if not any(hasattr(p, "ds_id") for p in self.params):  # only ZeRO-3 marks its parameters
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if modify else None)
+
     def reset(self, params: list[nn.Parameter]) -> None:
         """Start a new video: master weights from the (already reset) module params, zero Adam moments.
 
