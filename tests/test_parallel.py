@@ -114,8 +114,8 @@ class _FakeEngine:
     """What DeepSpeedStep uses of a DeepSpeed engine, data parallel in plain torch: backward averages the
     gradients over ranks (a collective), step applies SGD."""
 
-    def __init__(self, params, fail_backward: bool):
-        self.params, self.fail_backward = params, fail_backward
+    def __init__(self, params, fail_backward: bool = False, overflow: bool = False):
+        self.params, self.fail_backward, self.overflow = params, fail_backward, overflow
         self.optimizer = torch.optim.SGD(params, lr=0.1)
 
     def backward(self, loss):
@@ -127,20 +127,22 @@ class _FakeEngine:
             p.grad /= torch.distributed.get_world_size()
 
     def step(self):
-        self.optimizer.step()
+        if not self.overflow:  # ZeRO 1-3 skip the update on a non-finite global norm
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def get_global_grad_norm(self):
-        return 1.0
+        return float("inf") if self.overflow else 1.0
 
     def was_step_applied(self):
-        return True
+        return not self.overflow
 
 
 class _FakeZeroSession:
     """A session whose videos are 3 steps of a DeepSpeedStep over a fake engine; `fault` (rank, video, what)
-    injects one problem: load (the input cannot be read), loss (nan at step 2), grad (inf gradient at step 2),
-    collective (an exception inside backward at step 2)."""
+    injects one problem: load (the input cannot be read), loss (nan at step 2), grad (inf gradient at step 2,
+    stage 0), overflow (ZeRO 1-3 report a skipped update at step 2), collective (an exception inside backward at
+    step 2)."""
 
     def __init__(self, rank: int, ranks, fault: tuple[int, str, str] | None):
         from vmc_fast.tuning.steps import DeepSpeedStep
@@ -148,7 +150,8 @@ class _FakeZeroSession:
         self.rank, self.ranks, self.fault = rank, ranks, fault
         self.weight = torch.nn.Parameter(torch.ones(4))
         self.step = DeepSpeedStep.__new__(DeepSpeedStep)  # its real __call__, a fake engine
-        self.step.params, self.step.stage, self.step.ranks, self.step.step_index = [self.weight], 0, ranks, 0
+        stage = 2 if fault is not None and fault[2] == "overflow" else 0
+        self.step.params, self.step.stage, self.step.ranks, self.step.step_index = [self.weight], stage, ranks, 0
 
     def _faulty(self, video: Path, what: str) -> bool:
         return self.fault is not None and self.fault == (self.rank, video.name, what)
@@ -168,11 +171,12 @@ class _FakeZeroSession:
         from vmc_fast.tuning.session import VideoResult
 
         x = self.load_input(video)
-        self.step.engine = _FakeEngine([self.weight], fail_backward=False)
+        self.step.engine = _FakeEngine([self.weight])
         self.step.reset([self.weight])  # as ZeroStepFactory does for every video after the first
         result = TuneResult()
         for index in range(1, 4):
-            self.step.engine = _FakeEngine([self.weight], self._faulty(video, "collective") and index == 2)
+            self.step.engine = _FakeEngine([self.weight], self._faulty(video, "collective") and index == 2,
+                                           self._faulty(video, "overflow") and index == 2)
             value = self.weight * x
             if index == 2 and self._faulty(video, "grad"):
                 value = _GradBomb.apply(value)
@@ -220,6 +224,7 @@ def _run_agreement(tmp_path: Path, fault) -> dict[str, dict]:
     ((1, "a", "load"), "rank 1: video "),
     ((0, "a", "loss"), "rank 0: the loss became nan at step 2"),
     ((1, "a", "grad"), "ranks 0, 1: the gradient norm became inf at step 2"),  # averaged: every rank sees it
+    ((1, "a", "overflow"), "rank 1: the gradient norm became inf at step 2; the update was not applied"),
 ])
 def test_zero_ranks_fail_a_video_together_and_go_on(fault, error, tmp_path):
     start = time.monotonic()
