@@ -329,3 +329,10 @@ def test_adding_a_video_keeps_the_names_and_adapters_of_the_others(tmp_path):
                     train=TrainConfig(steps=1))
     assert {e["status"] for e in summarize(out, plan_run(cfg).jobs).entries} == {"done"}
     assert os.path.isfile(entries["bird.gif"]["adapter"])
+
+
+def test_a_name_recorded_twice_by_an_old_manifest_is_kept_once(tmp_path):
+    clash = {str(tmp_path / "bird.mp4"): {"adapter": "out/adapters/bird_mp4.safetensors"},
+             str(tmp_path / "bird_mp4.mov"): {"adapter": "out/adapters/bird_mp4.safetensors"}}
+    names = adapter_names([tmp_path / "bird.mp4", tmp_path / "bird_mp4.mov"], clash)
+    assert names[tmp_path / "bird.mp4"] == "bird_mp4" and names[tmp_path / "bird_mp4.mov"] != "bird_mp4"

@@ -223,22 +223,21 @@ def adapter_names(videos: list[Path], entries: dict[str, dict]) -> dict[Path, st
     recorded = {video: _recorded_name(entry) for video, entry in entries.items()}
     taken = {name.casefold() for name in recorded.values() if name}
     names: dict[Path, str] = {}
+    kept: set[str] = set()
     for video in videos:
-        if recorded.get(str(video)):
-            names[video] = recorded[str(video)]
+        name = recorded.get(str(video))
+        if name and name.casefold() not in kept:  # (a manifest from before unique names may hold one twice)
+            names[video] = name
+            kept.add(name.casefold())
     stems = Counter(_stem(v).casefold() for v in videos)
     for video in videos:
         if video in names:
             continue
         whole = video.name.replace(".", "_")
         candidates = ([_stem(video)] if stems[_stem(video).casefold()] == 1 else []) + [whole]
-        name = next((c for c in candidates if c.casefold() not in taken), None)
-        number = 2
-        while name is None:
-            name = f"{whole}_{number}" if f"{whole}_{number}".casefold() not in taken else None
-            number += 1
-        taken.add(name.casefold())
-        names[video] = name
+        candidates += (f"{whole}_{number}" for number in range(2, len(taken) + len(videos) + 3))
+        names[video] = next(c for c in candidates if c.casefold() not in taken)
+        taken.add(names[video].casefold())
     return names
 
 
