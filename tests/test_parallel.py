@@ -208,6 +208,7 @@ def _agreement_rank(rank: int, world_size: int, init_file: str, out: str, fault)
         run_jobs(AgreeingSession(_FakeZeroSession(rank, ranks, fault), ranks), jobs, manifest, QuietReporter())
     finally:
         (Path(out) / f"calls{rank}").write_text(str(len(calls)))
+    torch.distributed.barrier()  # as run_rank ends under zero: no rank tears down while another still talks
     torch.distributed.destroy_process_group()
 
 
