@@ -73,7 +73,8 @@ def test_spec_of_a_folder_reads_its_config_files(tmp_path):
     assert spec.num_train_timesteps == 500
 
 
-@pytest.mark.parametrize("typed, suggested", [("tiny-randon", "tiny-random"), ("Show1-Tiny-Random", "show1-tiny-random"),
+@pytest.mark.parametrize("typed, suggested", [("tiny-randon", "tiny-random"),
+                                              ("Show1-Tiny-Random", "show1-tiny-random"),
                                               ("./tiny-random", "tiny-random")])
 def test_a_misspelled_model_suggests_the_built_in(typed, suggested):
     with pytest.raises(VmcError, match=f"did you mean '{suggested}'"):

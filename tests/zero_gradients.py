@@ -6,7 +6,6 @@ A gradient, not the weights after a step: Adam's first update is about lr * sign
 where a mean belongs.
 """
 
-import copy
 import datetime
 import json
 import os
