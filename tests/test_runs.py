@@ -337,3 +337,15 @@ def test_a_name_recorded_twice_by_an_old_manifest_is_kept_once(tmp_path):
              str(tmp_path / "bird_mp4.mov"): {"adapter": "out/adapters/bird_mp4.safetensors"}}
     names = adapter_names([tmp_path / "bird.mp4", tmp_path / "bird_mp4.mov"], clash)
     assert names[tmp_path / "bird.mp4"] == "bird_mp4" and names[tmp_path / "bird_mp4.mov"] != "bird_mp4"
+
+
+def test_weights_that_cannot_be_loaded_leave_no_folder(square_video, tmp_path):
+    from vmc_fast.models.diffusers_unet3d import save_tiny_pretrained
+
+    folder = save_tiny_pretrained(tmp_path / "tiny")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_text("not weights")  # configs are fine
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", "--videos", str(square_video), "--prompt", "a square", "--model",
+                                 str(folder), "--out", str(out)])
+    assert result.exit_code == 2 and "could not load" in _output(result), result.output
+    assert not out.exists()
