@@ -349,3 +349,16 @@ def test_weights_that_cannot_be_loaded_leave_no_folder(square_video, tmp_path):
                                  str(folder), "--out", str(out)])
     assert result.exit_code == 2 and "could not load" in _output(result), result.output
     assert not out.exists()
+
+
+def test_a_setting_added_later_at_its_default_does_not_count_as_a_change(tuned_run, tmp_path):
+    video, _ = tuned_run
+    out = _copy_run(tuned_run, tmp_path)
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    lines[0]["request"].pop("train.weight_decay")  # as if vmc-fast had no --weight-decay when it was tuned
+    (out / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    rerun = runner.invoke(app, ["train", "--videos", str(video), "--out", str(out), *BASE_ARGS])
+    assert rerun.exit_code == 0 and "0 to tune" in rerun.output, rerun.output
+    other = runner.invoke(app, ["train", "--videos", str(video), "--out", str(out), *BASE_ARGS,
+                                "--weight-decay", "0.5"])
+    assert other.exit_code == 2 and "--weight-decay unset → 0.5" in _output(other), other.output

@@ -396,7 +396,8 @@ def describe_changes(old: dict, new: dict) -> list[str]:
             continue
         label = {"prompt": "prompt", "model": "--model", "model.family": "model family",
                  "parallel.zero_ranks": "ranks under --strategy zero"}.get(name, flags.get(name, name))
-        diffs.append(f"{label} {_short(old.get(name, 'unset'))} → {_short(new.get(name, 'unset'))}")
+        before, after = (_short(d[name]) if name in d else "unset" for d in (old, new))
+        diffs.append(f"{label} {before} → {after}")
     return diffs
 
 
@@ -434,13 +435,20 @@ def _request_changes(job: Job, entry: dict) -> list[str]:
     if "request_hash" not in entry:  # a manifest from before request keys: compare what it recorded
         legacy = {"prompt": entry.get("prompt"), "train.steps": entry.get("steps", job.request.get("train.steps"))}
         return describe_changes(legacy, {k: job.request.get(k) for k in legacy})
-    if entry["request_hash"] != job.request_hash:
-        return describe_changes(entry.get("request", {}), job.request) or ["request changed"]
     written = _adapter_request_hash(job.adapter)
-    if written is not None and written != job.request_hash:
+    if written is not None and written != entry["request_hash"]:
         return [f"{job.adapter.name} was written by another run (request {written}, manifest "
                 f"{entry['request_hash']})"]
-    return []
+    if entry["request_hash"] == job.request_hash:
+        return []
+    # A setting added to vmc-fast after the run is missing from its record: at its default it changed nothing.
+    old, defaults = entry.get("request", {}), _default_settings()
+    added = {k for k, v in job.request.items() if k not in old and k in defaults and v == defaults[k]}
+    return describe_changes(old, {k: v for k, v in job.request.items() if k not in added})
+
+
+def _default_settings() -> dict[str, Any]:
+    return json.loads(json.dumps(dict(_fields(RunConfig()))))
 
 
 def _adapter_request_hash(path: Path) -> str | None:
