@@ -324,8 +324,9 @@ REQUEST_EXCLUDED = {
     "retune": "how a rerun treats old results, not what they are",
 }
 """RunConfig fields (dotted paths) left out of the request key, and why. Every other field, including fields
-added later, is in it: a setting is assumed to change the adapter unless it is listed here. The frozen
-weights' dtype and the precision are in it (bf16 or int8 storage and autocast change the numbers)."""
+added later, is in it: a setting is assumed to change the adapter unless it is listed here (a record made before
+a field existed still matches while the field is at its default). The frozen weights' dtype and the precision
+are in it (bf16 or int8 storage and autocast change the numbers)."""
 
 
 def request_key(cfg: RunConfig, job: Job, spec: ModelSpec, *, zero_ranks: int | None = None) -> dict[str, Any]:
