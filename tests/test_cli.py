@@ -141,3 +141,53 @@ def test_generate_uses_a_trained_adapter(square_video, tmp_path):
         assert sum(1 for _ in container.decode(video=0)) == 8  # the adapter's frame count
     missing = runner.invoke(app, ["generate", "--adapter", str(tmp_path / "nope.safetensors"), "--prompt", "x"])
     assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+# --------------------------------------------------------------------------------------------- logs and Ctrl-C
+
+
+def test_train_prints_plain_progress_lines_without_a_terminal(tmp_path, monkeypatch):
+    from vmc_fast import reporting
+
+    monkeypatch.setattr(reporting, "PLAIN_PROGRESS_EVERY_S", 0)
+    name = "a_clip[take 1]_whose_name_is_long_enough_to_overflow_eighty_columns_" + "x" * 18 + ".mp4"
+    video = write_video(tmp_path / name, moving_square_frames())
+    result = runner.invoke(app, ["train", "--videos", str(video), "--prompt", "a square moving right", "--steps", "2",
+                                 "--out", str(tmp_path / "out")])  # CliRunner's output is not a terminal
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith(f"video 1/1: {name}") for line in lines), result.output
+    assert any(line.startswith(f"{name}: step 1/2, loss ") and "steps/s, ETA" in line for line in lines)
+    assert any(f"{name}: step 2/2" in line for line in lines)
+    assert any(str(video) in line and "done" in line for line in lines)  # the table row, whole on one line
+
+
+def test_train_prints_no_step_line_before_the_interval(tmp_path):
+    video = write_video(tmp_path / "clip.mp4", moving_square_frames())
+    result = runner.invoke(app, ["train", "--videos", str(video), "--prompt", "a square", "--steps", "3",
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    steps = [line for line in result.output.splitlines() if line.startswith("clip.mp4: step")]
+    assert steps == [next(line for line in steps if "step 3/3" in line)]  # only the last step within a minute
+
+
+def test_ctrl_c_says_what_is_kept_and_exits_130(square_video, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = {**os.environ, "VMC_FAST_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "vmc_fast.cli", "train", "--videos", str(square_video),
+                                "--prompt", "a square moving right", "--out", str(out), "--steps", "400"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not (out / "manifest.jsonl").is_file() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the tuning loop
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "interrupted:" in stderr and "rerun the same command" in stderr, stderr[-3000:]
+    [entry] = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert entry["status"] == "pending"
+    assert not list(out.rglob("*.tmp*"))

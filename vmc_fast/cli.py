@@ -7,15 +7,17 @@ setting or its default.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import shlex
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vmc_fast.config import GenerateConfig, Option, RunConfig, from_options, options
 from vmc_fast.errors import VmcError
@@ -30,8 +32,34 @@ app = typer.Typer(
 
 
 def _fail(message: str, console: Console) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+LOG_WIDTH = 1000
+"""Console width when output is not a terminal: rich would otherwise assume 80 columns and cut tables in logs."""
+
+
+def _console(stderr: bool = False) -> Console:
+    """The console of every command: a terminal's own width, or LOG_WIDTH in a log, a pipe or CI."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console.width = LOG_WIDTH
+    return console
+
+
+@contextlib.contextmanager
+def _interruptible(what: str | Callable[[], str]) -> Iterator[None]:
+    """On Ctrl-C: print "interrupted: <what>" (a callable is asked then) on stderr and exit with status 130.
+
+    Typer turns a KeyboardInterrupt that reaches it into a silent exit 130, so it is caught here, in the command.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        text = what() if callable(what) else what
+        _console(stderr=True).print(f"[yellow]interrupted:[/] {escape(text)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -94,7 +122,7 @@ def config_command(name: str, cls: type, run: Callable[..., None], *, epilog: st
     by_key = {"_".join(f.path): f.path for f in fields}
 
     def command(**kwargs) -> None:
-        console = Console(stderr=bool(kwargs.get("json_output")))
+        console = _console(stderr=bool(kwargs.get("json_output")))
         extras = {p.name: kwargs.pop(p.name) for p in extra}
         try:
             cfg = from_options(cls, {by_key[k]: parsers[k](v) for k, v in kwargs.items()})
@@ -135,17 +163,18 @@ def _train(cfg: RunConfig, console: Console, json_output: bool) -> None:
     from vmc_fast.runs.launch import train
 
     try:
-        if cfg.data.videos == "":
-            from vmc_fast.toy.examples import default_example
+        with _interruptible(lambda: _kept_after_interrupt(cfg)):
+            if cfg.data.videos == "":
+                from vmc_fast.toy.examples import default_example
 
-            cfg.data.videos, default_prompt = default_example(Path(cfg.out_dir) / "example")
-            cfg.prompt = cfg.prompt or default_prompt
-        reporter = RichReporter(console)
-        try:
-            summary = train(cfg, reporter)
-        finally:
-            reporter.progress.stop()
-        reporter.finish(summary)
+                cfg.data.videos, default_prompt = default_example(Path(cfg.out_dir) / "example")
+                cfg.prompt = cfg.prompt or default_prompt
+            reporter = RichReporter(console)
+            try:
+                summary = train(cfg, reporter)
+            finally:
+                reporter.close()
+            reporter.finish(summary)
     except (VmcError, ValueError) as exc:
         _fail(str(exc), console)
     if json_output:
@@ -154,17 +183,31 @@ def _train(cfg: RunConfig, console: Console, json_output: bool) -> None:
         raise typer.Exit(code=1)
 
 
+def _kept_after_interrupt(cfg: RunConfig) -> str:
+    from vmc_fast.runs.library import Manifest
+
+    out = Path(cfg.out_dir).expanduser()
+    entries = Manifest(out).read().values() if out.is_dir() else []
+    num_done = sum(1 for e in entries if e.get("status") == "done")
+    if not num_done:
+        return f"no adapter was finished; rerun the same command to start again (--out {out})"
+    return (f"{num_done} finished adapter{'s are' if num_done > 1 else ' is'} kept in {out}; the video being "
+            f"tuned stays pending; rerun the same command to resume")
+
+
 config_command("train", RunConfig, _train, epilog=TRAIN_EXAMPLES, help="Tune one motion adapter per video.",
                extra=(JSON_FLAG,))
 
 
 @app.command(hidden=True)
-def rank(config_file: Path = typer.Argument(..., help="config.json of the run")) -> None:
+def rank(plan_file: Path = typer.Argument(..., help="the plan the launcher wrote for its ranks")) -> None:
     """One launched rank of `vmc-fast train --gpus N` (started by torch.distributed.run, not by hand)."""
-    from vmc_fast.reporting import rank_reporter
+    from vmc_fast.reporting import RichReporter
     from vmc_fast.runs.launch import worker
+    from vmc_fast.runs.library import QuietReporter
 
-    worker(str(config_file), rank_reporter)
+    # Rank 0 draws on stderr: the launcher's stdout carries the summary (and --json's one line).
+    worker(str(plan_file), lambda r: RichReporter(_console(stderr=True)) if r == 0 else QuietReporter())
 
 
 @app.command()
@@ -173,7 +216,7 @@ def library(out: Path = typer.Argument(Path("vmc-out"), help="A training output 
     from vmc_fast.reporting import summary_table
     from vmc_fast.runs.library import Manifest, RunSummary
 
-    console = Console()
+    console = _console()
     if not (out / "manifest.jsonl").is_file():
         _fail(f"{out}: no manifest.jsonl; pass the --out folder of a `vmc-fast train` run", console)
     summary = RunSummary(out_dir=out, entries=list(Manifest(out).read().values()))
@@ -203,13 +246,13 @@ def _generate(cfg: GenerateConfig, console: Console) -> None:
     from vmc_fast.reporting import PhaseProgress
 
     try:
-        with PhaseProgress(console) as on_step:
+        with _interruptible("nothing was written"), PhaseProgress(console) as on_step:
             result = generate(cfg, on_step=on_step)
     except (VmcError, ValueError) as exc:
         _fail(str(exc), console)
-    console.print(f"[green]wrote[/] {result.output}  ({sum(result.seconds.values()):.1f} s)")
+    console.print(f"[green]wrote[/] {escape(str(result.output))}  ({sum(result.seconds.values()):.1f} s)")
     if result.note:
-        console.print(f"[yellow]note:[/] {result.note}")
+        console.print(f"[yellow]note:[/] {escape(result.note)}")
 
 
 config_command("generate", GenerateConfig, _generate, epilog=GENERATE_EXAMPLES, required=("prompt",),
@@ -234,24 +277,23 @@ def _bench(cfg, console: Console, json_output: bool) -> None:
     from vmc_fast.reporting import bench_table
     from vmc_fast.studies.bench import run_presets
 
-    # In a log (no terminal) rich would cut the table to 80 columns; records are read from logs of GPU slots.
-    console = Console(stderr=json_output, width=None if sys.stdout.isatty() else 200)
     options, names = cfg.bench_options(), cfg.preset_names()
     console.print(f"[bold]vmc-fast bench[/] {options.model_id} on {options.device}: {len(names)} presets, "
                   f"{options.warmup} warm-up + {options.steps} timed steps each, one fresh process per preset",
                   soft_wrap=True)
     try:
-        records, failures = run_presets(
-            names, options, Path(cfg.results), timeout_s=cfg.preset_timeout,
-            on_result=lambda r: console.print(f"  {r['preset']['name']}: {r['step_seconds'] * 1000:.1f} ms/step, "
-                                              f"{r['compile_seconds']:.0f} s compiling", soft_wrap=True),
-            on_failure=lambda f: console.print(f"  {f.name}: {f.status}: {f.reason}", soft_wrap=True))
+        with _interruptible(f"presets finished so far are in {cfg.results}"):
+            records, failures = run_presets(
+                names, options, Path(cfg.results), timeout_s=cfg.preset_timeout,
+                on_result=lambda r: console.print(f"  {r['preset']['name']}: {r['step_seconds'] * 1000:.1f} "
+                                                  f"ms/step, {r['compile_seconds']:.0f} s compiling", soft_wrap=True),
+                on_failure=lambda f: console.print(f"  {f.name}: {f.status}: {f.reason}", soft_wrap=True))
     except (VmcError, ValueError) as exc:
         _fail(str(exc), console)
     if records:
         console.print(bench_table(records))
     for failure in failures:
-        console.print(f"[yellow]{failure.name}: {failure.status}[/]: {failure.reason}", soft_wrap=True)
+        console.print(f"[yellow]{failure.name}: {failure.status}[/]: {escape(failure.reason)}", soft_wrap=True)
     if json_output:
         for record in records:
             print(json.dumps(record, sort_keys=True))
@@ -301,7 +343,7 @@ def _demo(cfg, console: Console) -> None:
         console.print(f"[bold]vmc-fast demo[/]: tune the toy model on the shipped [cyan]{cfg.motion}[/] clip "
                       f"({cfg.steps} steps), then render it with {cfg.samples} new appearances")
         progress, on_progress = units_progress(console, cfg.motion)
-        with progress:
+        with _interruptible(f"the demo stopped; files already written are in {cfg.out_dir}"), progress:
             result = run_demo(cfg, on_progress)
     except (VmcError, ValueError) as exc:
         _fail(str(exc), console)
@@ -327,7 +369,7 @@ def _eval(cfg, console: Console) -> None:
         console.print(f"[bold]vmc-fast eval[/]: {len(cfg.variants)} variants x {len(cfg.motions)} motions x "
                       f"{len(cfg.seeds)} seed(s), {cfg.samples} new appearances each")
         progress, on_progress = units_progress(console, "eval")
-        with progress:
+        with _interruptible(f"the evaluation stopped; files already written are in {cfg.out_dir}"), progress:
             report = run_eval(cfg, on_progress)
     except (VmcError, ValueError) as exc:
         _fail(str(exc), console)
@@ -367,11 +409,7 @@ _register_studies()
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        print("interrupted; finished adapters are kept, rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    app()  # Ctrl-C: each long command says what it keeps (`_interruptible`)
 
 
 if __name__ == "__main__":

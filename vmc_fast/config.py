@@ -246,9 +246,12 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage for --strategy zero (0-3)."""
     deepspeed_config: str | None = None
     """DeepSpeed JSON config to start from (see ds_configs/); our recipe's fields override it."""
+    timeout_s: int = field(default=1800, metadata=option("--dist-timeout"))
+    """Seconds a rank waits for the others in one collective before the run stops with an error."""
 
     def __post_init__(self) -> None:
         check_field(1 <= self.num_ranks <= 1024, "--gpus", "must be between 1 and 1024")
+        check_field(1 <= self.timeout_s <= 7 * 24 * 3600, "--dist-timeout", "must be between 1 second and 7 days")
         check_field(self.strategy in STRATEGIES, "--strategy", f"must be one of {', '.join(STRATEGIES)}")
         check_field(self.zero_stage in (0, 1, 2, 3), "--zero-stage", "must be 0, 1, 2 or 3")
         if self.deepspeed_config is not None:
@@ -273,6 +276,9 @@ class RunConfig:
     """Output folder: adapters/, manifest.jsonl, config.json."""
     cache_dir: str = field(default_factory=default_cache_dir)
     """Prompt-embedding and latent cache (default: $VMC_FAST_CACHE or ~/.cache/vmc-fast)."""
+    retune: bool = False
+    """Tune again the videos of --out that were tuned with other settings (their adapters are replaced);
+    without it such a rerun is refused."""
 
     def __post_init__(self) -> None:
         check_field(bool(self.out_dir.strip()), "--out", "must not be empty")

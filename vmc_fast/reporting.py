@@ -6,6 +6,7 @@ import time
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -31,7 +32,9 @@ def peak_memory_text() -> str:
 
 
 class RichReporter:
-    """Draws one bar per video (steps) under one bar for the run (videos)."""
+    """Draws one bar per video (steps) under one bar for the run (videos). Rich draws no live bar without a
+    terminal, so there (a log file, CI) it prints plain lines instead: one when a video starts, one at most every
+    PLAIN_PROGRESS_EVERY_S while it is tuned and one at its last step."""
 
     def __init__(self, console: Console, show_progress: bool = True):
         self.console = console
@@ -43,23 +46,30 @@ class RichReporter:
         )
         self._run_task = None
         self._video_task = None
+        self._video_name = ""
+        self._last_line = 0.0
 
     def run_started(self, cfg: RunConfig, jobs: list[Job], num_skipped: int) -> None:
-        self.console.print(f"[bold]vmc-fast train[/] config (saved to {cfg.out_dir}/config.json):")
+        saved = f"saved to {cfg.out_dir}/config.json" if jobs else "nothing to tune, nothing written"
+        self.console.print(f"[bold]vmc-fast train[/] config ({escape(saved)}):")
         self.console.print_json(cfg.to_json())
         if num_skipped:
             self.console.print(f"resuming: {num_skipped} video(s) already done, {len(jobs)} to tune")
         for job in jobs:
             if job.prompt and job.source_prompt != job.prompt:
-                self.console.print(f"prompt for {job.video.name}: [cyan]{job.prompt!r}[/] "
-                                   f"(derived from {job.source_prompt!r})")
+                self.console.print(f"prompt for {escape(job.video.name)}: [cyan]{escape(repr(job.prompt))}[/] "
+                                   f"(derived from {escape(repr(job.source_prompt))})")
         self.progress.start()
         self._run_task = self.progress.add_task("videos", total=len(jobs), loss="-", rate="", memory="")
 
     def video_started(self, job: Job, index: int, total: int) -> None:
         if self._video_task is not None:
             self.progress.remove_task(self._video_task)
-        self._video_task = self.progress.add_task(job.video.name[:20], total=None, loss="-", rate="", memory="")
+        self._video_task = self.progress.add_task(escape(job.video.name[:20]), total=None, loss="-", rate="",
+                                                  memory="")
+        self._video_name, self._last_line = job.video.name, time.monotonic()
+        if not self.console.is_terminal:
+            self._plain(f"video {index}/{total}: {job.video.name} -> {job.adapter}")
 
     def clip_loaded(self, job: Job, info: ClipInfo) -> None:
         """One plain line: which frames were taken, how they were turned, cropped and resized."""
@@ -67,19 +77,37 @@ class RichReporter:
 
     def step(self, stats: StepStats) -> None:
         rate = stats.step / stats.seconds if stats.seconds > 0 else 0.0
+        memory = peak_memory_text()
         self.progress.update(self._video_task, total=stats.num_steps, completed=stats.step,
-                             loss=f"{stats.loss:.4f}", rate=f"{rate:.2f} steps/s", memory=peak_memory_text())
+                             loss=f"{stats.loss:.4f}", rate=f"{rate:.2f} steps/s", memory=memory)
+        now = time.monotonic()
+        if self.console.is_terminal or (now - self._last_line < PLAIN_PROGRESS_EVERY_S and
+                                        stats.step < stats.num_steps):
+            return
+        self._last_line = now
+        eta = (stats.num_steps - stats.step) / rate / 60 if rate > 0 else float("nan")
+        self._plain(f"{self._video_name}: step {stats.step}/{stats.num_steps}, loss {stats.loss:.4f}, "
+                    f"{rate:.2f} steps/s, ETA {eta:.1f} min, {memory}")
+
+    def _plain(self, line: str) -> None:
+        self.console.print(line, soft_wrap=True, highlight=False, markup=False)  # one line, whatever the width
 
     def video_finished(self, job: Job, entry: dict) -> None:
         self.progress.advance(self._run_task)
         if entry["status"] == "failed":
-            self.progress.console.print(f"[red]failed[/] {job.video.name}: {entry['error']}")
+            self.progress.console.print(f"[red]failed[/] {escape(job.video.name)}: {escape(entry['error'])}",
+                                        soft_wrap=True)
         else:
-            self.progress.console.print(f"[green]done[/] {job.video.name} -> {entry['adapter']} "
+            self.progress.console.print(f"[green]done[/] {escape(job.video.name)} -> {escape(entry['adapter'])} "
                                         f"(final loss {entry['final_loss']:.4f}, {entry['seconds']:.1f} s)")
 
+    def close(self) -> None:
+        """Stop the live display if it was started (stopping one that never started prints a blank line)."""
+        if self.progress.live.is_started:
+            self.progress.stop()
+
     def finish(self, summary: RunSummary) -> None:
-        self.progress.stop()
+        self.close()
         self.console.print(summary_table(summary))
 
 
@@ -91,7 +119,8 @@ def summary_table(summary: RunSummary) -> Table:
         loss = f"{e['final_loss']:.4f}" if "final_loss" in e and e["status"] == "done" else ""
         secs = f"{e['seconds']:.1f}" if "seconds" in e and e["status"] == "done" else ""
         style = {"done": "green", "failed": "red"}.get(e["status"], "yellow")
-        table.add_row(e["video"], f"[{style}]{e['status']}[/]", loss, secs, e.get("adapter") or e.get("error", ""))
+        table.add_row(escape(e["video"]), f"[{style}]{e['status']}[/]", loss, secs,
+                      escape(e.get("adapter") or e.get("error", "")))
     return table
 
 
@@ -231,9 +260,3 @@ def units_progress(console: Console, description: str):
 
     return progress, on_progress
 
-
-def rank_reporter(rank: int):
-    """The reporter of one launched rank: rank 0 draws, the others stay quiet."""
-    from vmc_fast.runs.library import QuietReporter
-
-    return RichReporter(Console()) if rank == 0 else QuietReporter()

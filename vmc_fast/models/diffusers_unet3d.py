@@ -13,7 +13,15 @@ import torch
 from vmc_fast.errors import VmcError
 from vmc_fast.io.prompts import TokenReport, token_report
 from vmc_fast.models import tiny
-from vmc_fast.models.registry import Backbone, LoadOptions, register, register_family
+from vmc_fast.models.registry import (
+    Backbone,
+    LoadOptions,
+    ModelSpec,
+    read_config_file,
+    register,
+    register_family,
+    spec_from_configs,
+)
 
 
 def is_diffusers_unet3d(unet_config: dict) -> bool:
@@ -137,5 +145,22 @@ def save_tiny_pretrained(folder: str | Path) -> Path:
     return folder
 
 
-register("tiny-random", build_tiny_random, "tiny random ModelScope-style latent UNet3D (tests and smoke runs)")
-register_family("diffusers-unet3d", is_diffusers_unet3d, load_pretrained)
+def tiny_random_spec() -> ModelSpec:
+    """The spec of tiny-random, from the configs `build_tiny_random` builds it with."""
+    return spec_from_configs("tiny-random", "diffusers-unet3d", tiny.UNET3D_CONFIG, tiny.VAE_CONFIG,
+                             {"num_train_timesteps": 1000}, num_frames=8, height=32, width=32)
+
+
+def pretrained_spec(model_id: str, unet_config: dict) -> ModelSpec:
+    """The spec of a ModelScope-layout repository, read from its unet, vae and scheduler configs (as
+    `load_pretrained` sizes it)."""
+    vae_config = read_config_file(model_id, "vae/config.json")
+    if vae_config is None:
+        raise VmcError(f"model {model_id!r}: no vae/config.json; a ModelScope-layout repository needs its vae/")
+    return spec_from_configs(model_id, "diffusers-unet3d", unet_config, vae_config,
+                             read_config_file(model_id, "scheduler/scheduler_config.json"), num_frames=8)
+
+
+register("tiny-random", build_tiny_random, "tiny random ModelScope-style latent UNet3D (tests and smoke runs)",
+         spec=tiny_random_spec)
+register_family("diffusers-unet3d", is_diffusers_unet3d, load_pretrained, spec=pretrained_spec)

@@ -1,12 +1,14 @@
-"""The backbone registry: a model id in, a `Backbone` out.
+"""The backbone registry: a model id in, a `Backbone` out; or, without building any weights, its `ModelSpec`.
 
 A model id is either a built-in name (``tiny-random``, ``show1-tiny-random``, ...) or a Hugging Face hub id /
 local folder in a diffusers repository layout. For the latter the family is chosen from ``unet/config.json``.
-Model code lives in sibling modules; this module only knows how to pick and call their loaders.
+Model code lives in sibling modules; this module only knows how to pick and call their loaders, and how to read
+a model's sizes from its config files (`model_spec`), so that a run can be checked before anything is written.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -93,8 +95,67 @@ class LoadOptions:
     """Where the UNet (and VAE) live."""
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a run must know about a model before it loads any weights: its default clip size, the sizes it
+    accepts and the length of its noise schedule. Read from config files only (`model_spec`)."""
+
+    model_id_resolved: str
+    """The built-in name, the hub id, or the local folder as an absolute path."""
+    family: str
+    """Architecture family, e.g. ``diffusers-unet3d`` or ``show1`` (as `Backbone.family`)."""
+    num_frames: int
+    """Default frames per clip (the model's training length)."""
+    height: int
+    """Default frame height in pixels."""
+    width: int
+    """Default frame width in pixels."""
+    pixel_multiple: int
+    """Frame height and width must be multiples of this: vae_factor * 2**(UNet levels - 1)."""
+    num_train_timesteps: int
+    """Length T of the training noise schedule; timesteps are drawn from [0, T)."""
+    vae_factor: int = 1
+    """Pixels per latent along a side (2**(VAE levels - 1)); 1 for pixel-space models."""
+    unet_levels: int = 1
+    """Resolution levels of the UNet (len(block_out_channels)); each but the last halves the size."""
+
+    def size_problem(self, option: str, value: int) -> str | None:
+        """None when `value` pixels is a valid frame size along one side, else the message naming `option`,
+        the rule and the nearest valid values below and above."""
+        m = self.pixel_multiple
+        if value % m == 0:
+            return None
+        below, above = value // m * m, (value // m + 1) * m
+        why = (f"VAE {self.vae_factor}x, UNet {self.unet_levels} levels" if self.vae_factor > 1
+               else f"UNet {self.unet_levels} levels")
+        nearest = f"{below} or {above}" if below > 0 else f"{above}"
+        return (f"{option} {value}: {self.model_id_resolved} needs a multiple of {m} ({why}); use {nearest}")
+
+
+def spec_from_configs(model_id: str, family: str, unet_config: dict, vae_config: dict | None,
+                      scheduler_config: dict | None, *, num_frames: int, height: int | None = None,
+                      width: int | None = None) -> ModelSpec:
+    """The spec of a model from its parsed ``unet/config.json``, ``vae/config.json`` (None: pixel space) and
+    ``scheduler/scheduler_config.json`` (None: 1000 timesteps, diffusers' default).
+
+    height/width None: the UNet's ``sample_size`` times the VAE factor (diffusers' convention, 32 latents when
+    unset)."""
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1) if vae_config else 1
+    unet_levels = len(unet_config.get("block_out_channels") or (0,))
+    sample = int(unet_config.get("sample_size") or 32) * vae_factor
+    return ModelSpec(
+        model_id_resolved=model_id, family=family, num_frames=num_frames, height=height or sample,
+        width=width or sample, pixel_multiple=vae_factor * 2 ** (unet_levels - 1),
+        num_train_timesteps=int((scheduler_config or {}).get("num_train_timesteps", 1000)),
+        vae_factor=vae_factor, unet_levels=unet_levels,
+    )
+
+
 BuiltinLoader = Callable[[LoadOptions], Backbone]
 FolderLoader = Callable[[str, dict, LoadOptions], Backbone]
+BuiltinSpec = Callable[[], ModelSpec]
+FolderSpec = Callable[[str, dict], ModelSpec]
+"""(model id, parsed unet/config.json) -> the spec, reading other config files with `read_config_file`."""
 
 
 @dataclass
@@ -102,20 +163,27 @@ class _Family:
     name: str
     detect: Callable[[dict], bool]
     load: FolderLoader
+    spec: FolderSpec | None = None
 
 
 _BUILTINS: dict[str, tuple[BuiltinLoader, str]] = {}
+_BUILTIN_SPECS: dict[str, BuiltinSpec] = {}
 _FAMILIES: list[_Family] = []
 
 
-def register(name: str, loader: BuiltinLoader, description: str) -> None:
-    """Register a built-in model id (no download) with a one-line description for `--help` and errors."""
+def register(name: str, loader: BuiltinLoader, description: str, spec: BuiltinSpec | None = None) -> None:
+    """Register a built-in model id (no download) with a one-line description for `--help` and errors, and
+    `spec`, which gives its `ModelSpec` without building weights (required for `model_spec`)."""
     _BUILTINS[name] = (loader, description)
+    if spec is not None:
+        _BUILTIN_SPECS[name] = spec
 
 
-def register_family(name: str, detect: Callable[[dict], bool], loader: FolderLoader) -> None:
-    """Register a repository family; `detect` receives the parsed ``unet/config.json``. First match wins."""
-    _FAMILIES.append(_Family(name, detect, loader))
+def register_family(name: str, detect: Callable[[dict], bool], loader: FolderLoader,
+                    spec: FolderSpec | None = None) -> None:
+    """Register a repository family; `detect` receives the parsed ``unet/config.json``. First match wins.
+    `spec(model_id, unet_config)` reads the family's sizes from its config files (required for `model_spec`)."""
+    _FAMILIES.append(_Family(name, detect, loader, spec))
 
 
 def available_models() -> dict[str, str]:
@@ -131,13 +199,60 @@ def load_backbone(model_id: str, options: LoadOptions | None = None) -> Backbone
     if model_id in _BUILTINS:
         return _BUILTINS[model_id][0](options)
     unet_config = read_unet_config(model_id)
+    return _family_of(model_id, unet_config).load(model_id, unet_config, options)
+
+
+def model_spec(model_id: str) -> ModelSpec:
+    """The `ModelSpec` of a built-in name, local folder or hub id, from config files only (no weights).
+
+    Raises VmcError naming the id and the fix (with the closest built-in name for a misspelled one) when the
+    model cannot be found or its family is not supported.
+    """
+    _import_backbones()
+    if model_id in _BUILTINS:
+        if model_id not in _BUILTIN_SPECS:
+            raise VmcError(f"model {model_id!r}: registered without a spec; pass spec= to register()")
+        return _BUILTIN_SPECS[model_id]()
+    unet_config = read_unet_config(model_id)
+    family = _family_of(model_id, unet_config)
+    if family.spec is None:
+        raise VmcError(f"model {model_id!r}: the {family.name} family registered no spec; pass spec= to "
+                       f"register_family()")
+    resolved = str(Path(model_id).expanduser().resolve()) if Path(model_id).expanduser().is_dir() else model_id
+    return family.spec(resolved, unet_config)
+
+
+def _family_of(model_id: str, unet_config: dict) -> _Family:
     for family in _FAMILIES:
         if family.detect(unet_config):
-            return family.load(model_id, unet_config, options)
+            return family
     raise VmcError(
         f"model {model_id!r}: unet/config.json describes {unet_config.get('_class_name')!r}, which no backbone "
         f"supports; supported: diffusers UNet3DConditionModel (ModelScope/ZeroScope layout) and Show-1"
     )
+
+
+def read_config_file(model_id: str, rel: str) -> dict | None:
+    """Parsed JSON file `rel` (e.g. ``vae/config.json``) of a local folder (None when it lacks the file) or a
+    hub repository (VmcError when it cannot be fetched)."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        file = path / rel
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise VmcError(f"model folder {path}: {rel} is not valid JSON ({exc}); restore it from the "
+                           f"model's repository") from exc
+    return json.loads(Path(hub_file(model_id, rel)).read_text())
+
+
+def _use_one_of(model_id: str) -> str:
+    """The joint of an unknown-model message: a "did you mean" for a near miss of a built-in name."""
+    names = {name.casefold(): name for name in _BUILTINS}
+    close = difflib.get_close_matches(model_id.casefold(), list(names), n=1, cutoff=0.6)
+    return f"; did you mean {names[close[0]]!r}? Use one of" if close else "; use one of"
 
 
 def read_unet_config(model_id: str) -> dict:
@@ -148,13 +263,13 @@ def read_unet_config(model_id: str) -> dict:
         if not config_file.is_file():
             raise VmcError(f"model folder {path}: no unet/config.json; expected a diffusers repository layout "
                            f"(unet/, scheduler/, text_encoder/, tokenizer/)")
-        return json.loads(config_file.read_text())
+        return read_config_file(model_id, "unet/config.json")
     if os.sep in model_id and not _looks_like_hub_id(model_id) or path.exists():
-        raise VmcError(f"model {model_id!r}: no such folder; pass an existing local folder, a hub id, or one of "
-                       f"{', '.join(sorted(_BUILTINS))}")
+        raise VmcError(f"model {model_id!r}: no such folder{_use_one_of(path.name)} "
+                       f"{', '.join(sorted(_BUILTINS))}, a hub id (org/name) or an existing local folder")
     if not _looks_like_hub_id(model_id):
-        raise VmcError(f"unknown model {model_id!r}; use one of {', '.join(sorted(_BUILTINS))}, a hub id "
-                       f"(org/name) or a local folder")
+        raise VmcError(f"unknown model {model_id!r}{_use_one_of(model_id)} {', '.join(sorted(_BUILTINS))}, "
+                       f"a hub id (org/name) or a local folder")
     return json.loads(Path(hub_file(model_id, "unet/config.json")).read_text())
 
 

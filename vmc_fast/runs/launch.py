@@ -4,21 +4,26 @@ Two strategies share the work of several ranks:
 - ``videos``: each rank tunes its own share of the videos with a plain optimizer (no communication; the best
   use of many GPUs for a library of videos).
 - ``zero``: all ranks tune the same video together through a DeepSpeed engine (`vmc_fast.tuning.steps`); only
-  rank 0 writes adapters and the manifest.
+  rank 0 writes adapters and the manifest. The ranks agree on every video's outcome (`AgreeingSession`).
 
-Ranks are started with torch.distributed.run; each runs `run_rank`. On a machine without CUDA they are CPU
-processes talking over gloo, which is how these paths are tested. The reporter is handed in: this module never
-draws anything itself.
+The plan (`vmc_fast.runs.library.plan_run`) is made once, here, before anything is written; launched ranks
+receive it in a file and never plan again. Ranks are started with torch.distributed.run; each runs `worker`. On
+a machine without CUDA they are CPU processes talking over gloo, which is how these paths are tested. The
+reporter is handed in: this module never draws anything itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import traceback
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -30,90 +35,69 @@ from vmc_fast.errors import VmcError
 from vmc_fast.runs.library import (
     Job,
     Manifest,
+    Plan,
     QuietReporter,
     ReadOnlyManifest,
     Reporter,
     RunSummary,
-    mark_pending,
-    pending_jobs,
-    plan_jobs,
-    prepare_out_dir,
+    plan_run,
     run_jobs,
+    start_run,
     summarize,
 )
 from vmc_fast.runtime import resolve_device
 
 WORKER_COMMAND = ("-m", "vmc_fast.cli", "rank")
-"""How a launched rank starts: the CLI's hidden `rank` command, which builds its reporter and calls `run_rank`."""
+"""How a launched rank starts: the CLI's hidden `rank` command, which builds its reporter and calls `worker`."""
+STOP_GRACE_S = 30
+"""Seconds launched ranks get to stop after Ctrl-C before they are killed."""
 
 
 def train(cfg: RunConfig, reporter: Reporter | None = None) -> RunSummary:
     """Tune every pending video of `cfg`: in this process for one rank, else in `num_ranks` launched ranks.
 
     ``--strategy zero`` always goes through the launcher and DeepSpeed, one rank included (ZeRO-3 can then offload,
-    and it is how one GPU tests the NCCL path). Raises VmcError for unusable input before any work starts.
+    and it is how one GPU tests the NCCL path). Raises VmcError or ValueError for unusable input before anything
+    is written.
     """
-    jobs = plan_jobs(cfg)
-    strategy = resolve_strategy(cfg, len(jobs))
-    if cfg.parallel.num_ranks == 1 and strategy != "zero":
-        out = prepare_out_dir(cfg)
-        run_rank(cfg, jobs, reporter or QuietReporter(), device=str(resolve_device()))
-        return summarize(out, jobs)
-    return launch(cfg, jobs, strategy)
+    plan = plan_run(cfg)
+    if cfg.parallel.num_ranks > 1 or plan.strategy == "zero":
+        return launch(cfg, plan)
+    reporter = reporter or QuietReporter()
+    # The session is built before anything is written: weights that cannot be loaded leave no folder behind.
+    session = _session(cfg, str(resolve_device())) if plan.todo else None
+    out = start_run(cfg, plan)
+    reporter.run_started(cfg, plan.todo, plan.num_done)
+    if session is not None:
+        run_jobs(session, plan.todo, Manifest(out), reporter)
+    return summarize(out, plan.jobs)
 
 
-def resolve_strategy(cfg: RunConfig, num_videos: int) -> str:
-    """``auto`` picks ``videos`` when every rank gets at least one video, else ``zero``."""
-    if cfg.parallel.strategy != "auto":
-        return cfg.parallel.strategy
-    return "videos" if num_videos >= cfg.parallel.num_ranks else "zero"
-
-
-def run_rank(cfg: RunConfig, jobs: list[Job], reporter: Reporter, *, device: str, rank: int = 0,
-             world_size: int = 1, strategy: str = "videos") -> None:
-    """This rank's share of the run: prepare one session, tune its videos, record each outcome.
-
-    Steps: skip what is done → rank 0 marks the rest pending → (all ranks agree on the list) → take this rank's
-    share → prepare one session → tune each video.
-    """
+def _session(cfg: RunConfig, device: str, **kwargs):
     from vmc_fast.tuning.session import TuningSession
-    from vmc_fast.tuning.steps import ZeroStepFactory
 
-    manifest = Manifest(Path(cfg.out_dir).expanduser())
-    todo = pending_jobs(jobs, manifest)
-    if rank == 0:
-        mark_pending(todo, manifest)
-    if world_size > 1:
-        torch.distributed.barrier()  # every rank must split the same list: none may finish a video before all read it
-    zero = strategy == "zero"
-    mine = todo if zero else todo[rank::world_size]
-    reporter.run_started(cfg, mine, len(jobs) - len(todo))
-    if not mine:
-        return
-    writer = rank == 0 or not zero  # under ZeRO every rank tunes the same video; rank 0 writes
-    if zero:  # each rank draws its own timesteps and noise: an effective batch of one sample per rank
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + rank))
-    session = TuningSession(cfg, device=device, write_adapters=writer,
-                            make_optimizer_step=ZeroStepFactory(cfg) if zero else None)
-    run_jobs(session, mine, manifest if writer else ReadOnlyManifest(manifest), reporter)
+    return TuningSession(cfg, device=device, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- ranks
 
 
-def launch(cfg: RunConfig, jobs: list[Job], strategy: str) -> RunSummary:
-    """Start `num_ranks` ranks with torch.distributed.run and wait for them."""
+def launch(cfg: RunConfig, plan: Plan) -> RunSummary:
+    """Start `num_ranks` ranks with torch.distributed.run, hand them the plan, and wait for them.
+
+    Raises VmcError naming the rank and its error when a rank fails (the others are stopped by
+    torch.distributed.run); finished videos stay recorded and a rerun resumes.
+    """
     num_ranks = cfg.parallel.num_ranks
-    if strategy == "zero" and cfg.train.optimizer == "adamw8bit":
+    if plan.strategy == "zero" and cfg.train.optimizer == "adamw8bit":
         raise VmcError("--optimizer adamw8bit does not combine with the zero strategy (DeepSpeed resets Adam's "
                        "own moments between videos); use --optimizer adamw, whose moments ZeRO shards across "
                        "ranks, or --strategy videos")
-    if strategy == "zero" and cfg.train.precision == "fp16":  # before anything is written
+    if plan.strategy == "zero" and cfg.train.precision == "fp16":  # before anything is written
         chosen = "" if cfg.parallel.strategy == "zero" else " (what --strategy auto picks for fewer videos than ranks)"
-        raise ValueError(f"--precision fp16 does not combine with --strategy zero{chosen}: DeepSpeed's fp16 mode would "
-                         f"recast the whole UNet, and its loss scaling is not wired here; use --precision bf16, or "
-                         f"--strategy videos")
-    out = prepare_out_dir(cfg)
+        raise ValueError(f"--precision fp16 does not combine with --strategy zero{chosen}: DeepSpeed's fp16 mode "
+                         f"would recast the whole UNet, and its loss scaling is not wired here; use --precision bf16, "
+                         f"or --strategy videos")
     env = dict(os.environ)
     if not torch.cuda.is_available():
         warnings.warn(f"--gpus {num_ranks}: no CUDA device; running {num_ranks} CPU ranks with gloo", stacklevel=2)
@@ -121,13 +105,42 @@ def launch(cfg: RunConfig, jobs: list[Job], strategy: str) -> RunSummary:
     elif torch.cuda.device_count() < num_ranks:
         raise VmcError(f"--gpus {num_ranks}: only {torch.cuda.device_count()} CUDA devices are visible; "
                        f"lower --gpus or set CUDA_VISIBLE_DEVICES")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={num_ranks}",
-               f"--master-port={_free_port()}", *WORKER_COMMAND, str(out / "config.json")]
-    completed = subprocess.run(command, env=env)
-    if completed.returncode != 0:
-        raise VmcError(f"{num_ranks} ranks: a worker exited with status {completed.returncode}; see its output "
-                       f"above; finished videos are in {out}/manifest.jsonl and a rerun resumes")
-    return summarize(out, jobs)
+    out = start_run(cfg, plan)
+    if not plan.todo:
+        return summarize(out, plan.jobs)
+    with tempfile.TemporaryDirectory(prefix="vmc-fast-ranks-") as folder:
+        plan_file = Path(folder) / "plan.json"
+        plan_file.write_text(json.dumps({"config": cfg.to_dict(), "todo": [j.to_dict() for j in plan.todo],
+                                         "num_done": plan.num_done, "strategy": plan.strategy}))
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={num_ranks}",
+                   f"--master-port={_free_port()}", *WORKER_COMMAND, str(plan_file)]
+        returncode = _wait(subprocess.Popen(command, env=env))
+        if returncode != 0:
+            raise VmcError(f"{num_ranks} ranks: {_rank_errors(Path(folder), returncode)}; the run stopped; "
+                           f"finished videos are in {out}/manifest.jsonl; rerun the same command to resume")
+    return summarize(out, plan.jobs)
+
+
+def _wait(process: subprocess.Popen) -> int:
+    """The launcher's exit status; on Ctrl-C the ranks are asked to stop (torch.distributed.run passes the
+    signal on to them), then killed if they do not, and KeyboardInterrupt goes on up."""
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+
+
+def _rank_errors(folder: Path, returncode: int) -> str:
+    """What the failed ranks wrote before exiting, or the launcher's status when none did."""
+    errors = [f"rank {path.stem.removeprefix('rank')} failed ({path.read_text().strip()})"
+              for path in sorted(folder.glob("rank*.error"))]
+    return "; ".join(errors) or f"a rank exited with status {returncode} (see its output above)"
 
 
 def _free_port() -> int:
@@ -136,24 +149,106 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker(config_file: str, make_reporter: Callable[[int], Reporter]) -> None:
-    """One launched rank (torch.distributed.run sets RANK, WORLD_SIZE, LOCAL_RANK): its process group, its share.
+def worker(plan_file: str, make_reporter: Callable[[int], Reporter]) -> None:
+    """One launched rank (torch.distributed.run sets RANK, WORLD_SIZE, LOCAL_RANK): its process group, its share
+    of the plan. A rank that fails writes its error beside the plan file (the launcher reports it) and exits
+    non-zero, and torch.distributed.run stops the others.
 
     make_reporter(rank) -> the reporter of this rank (the CLI draws on rank 0 only).
     """
-    cfg = RunConfig.from_dict(json.loads(Path(config_file).read_text()))
+    payload = json.loads(Path(plan_file).read_text())
+    cfg = RunConfig.from_dict(payload["config"])
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         torch.cuda.set_device(device)
     backend = "nccl" if device != "cpu" else "gloo"
-    torch.distributed.init_process_group(backend)
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     print(f"rank {rank} of {world_size}: {device}, backend {backend}", file=sys.stderr, flush=True)
     try:
-        jobs = plan_jobs(cfg)
-        run_rank(cfg, jobs, make_reporter(rank), device=device, rank=rank, world_size=world_size,
-                 strategy=resolve_strategy(cfg, len(jobs)))
-        torch.distributed.barrier()
+        todo = [Job.from_dict(job) for job in payload["todo"]]
+        run_rank(cfg, todo, make_reporter(rank), num_done=payload["num_done"], device=device, rank=rank,
+                 world_size=world_size, strategy=payload["strategy"])
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):
+            message = str(exc) if isinstance(exc, (VmcError, ValueError)) else _one_line(exc)
+            (Path(plan_file).parent / f"rank{rank}.error").write_text(message + "\n")
+        raise
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    last = traceback.extract_tb(cause.__traceback__)[-1:] if cause.__traceback__ else []
+    where = f" at {Path(last[0].filename).name}:{last[0].lineno}" if last else ""
+    return f"{type(cause).__name__}: {cause}{where}"
+
+
+def run_rank(cfg: RunConfig, todo: list[Job], reporter: Reporter, *, num_done: int, device: str, rank: int,
+             world_size: int, strategy: str) -> None:
+    """This rank's share of the plan: prepare one session, tune its videos, record each outcome.
+
+    ``videos``: every world_size-th job from `rank` on; ranks never wait for each other (a rank with fewer or
+    shorter videos simply exits). ``zero``: every job, all ranks together; rank 0 writes.
+    """
+    zero = strategy == "zero"
+    mine = todo if zero else todo[rank::world_size]
+    reporter.run_started(cfg, mine, num_done)
+    if not mine:
+        return
+    manifest = Manifest(Path(cfg.out_dir).expanduser())
+    if not zero:
+        run_jobs(_session(cfg, device), mine, manifest, reporter)
+        return
+    from vmc_fast.tuning.steps import RankAgreement, ZeroStepFactory
+
+    ranks = RankAgreement()
+    # Each rank draws its own timesteps and noise: an effective batch of one sample per rank.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + rank))
+    session = _session(cfg, device, write_adapters=rank == 0, make_optimizer_step=ZeroStepFactory(cfg, ranks))
+    run_jobs(AgreeingSession(session, ranks), mine, manifest if rank == 0 else ReadOnlyManifest(manifest),
+             reporter)
+    torch.distributed.barrier()  # short: all ranks settled the last video together
+
+
+class AgreeingSession:
+    """A tuning session for ``--strategy zero``: every rank tunes the same video, so they must agree on it.
+
+    Every rank settles (`RankAgreement.settle`) after loading its input, at each step (`DeepSpeedStep`), and at
+    the end of the video. A problem on any rank at one of those points fails the video on every rank with the
+    same error (rank 0 records it `failed`) and all go on to the next one; `done` is recorded only after the
+    final agreement. An exception inside a collective cannot be agreed on (the other ranks wait in it), so it
+    raises RankStopped, which stops the run.
+    """
+
+    def __init__(self, session, ranks):
+        self.session = session
+        self.ranks = ranks
+        read_input = session.read_input
+
+        def read_input_on_every_rank(video: Path):
+            value = read_input(video)
+            ranks.settle(None)  # before any collective of the video
+            return value
+
+        session.read_input = read_input_on_every_rank  # tune_video calls it first (load_input goes through it)
+
+    def prompt_embeddings(self, prompts: list[str]):
+        return self.session.prompt_embeddings(prompts)
+
+    def tune_video(self, video: Path, *args, **kwargs):
+        from vmc_fast.tuning.steps import RanksFailed, RankStopped
+
+        try:
+            done = self.session.tune_video(video, *args, **kwargs)
+        except RanksFailed:
+            raise  # every rank raised it at the same point
+        except Exception as exc:
+            if self.ranks.broken:
+                raise RankStopped(_one_line(exc)) from exc
+            self.ranks.settle(str(exc) if isinstance(exc, VmcError) else f"{video.name}: {_one_line(exc)}")
+            raise AssertionError("settle() with a problem always raises")  # pragma: no cover
+        self.ranks.settle(None)
+        return done

@@ -1,29 +1,39 @@
 """A motion library: plan the videos, tune each, record every outcome in DIR/manifest.jsonl.
 
-Resumable (videos already `done` with their adapter on disk are skipped), a bad video is recorded as `failed`
-and never stops the rest, and nothing finished is lost: adapters are written atomically and the manifest is
-rewritten atomically under a file lock, so several ranks can share one output folder. Nothing here knows about
-ranks: `vmc_fast.runs.launch` decides which jobs a process runs and hands in the reporter.
+The plan comes first and writes nothing: the model's spec (`vmc_fast.models.registry.model_spec`) is read and
+the options checked against it, every video gets a stable adapter name and a *request key* (everything that
+decides its adapter), and the folder's manifest is compared with it. Only then is anything written.
+
+Resumable (videos already `done` with their adapter on disk, asked for with the same request, are skipped), a
+bad video is recorded as `failed` and never stops the rest, and nothing finished is lost: adapters are written
+atomically and the manifest is rewritten atomically under a file lock, so several ranks can share one output
+folder. A rerun that asks for something else for a video already tuned is refused unless --retune is given, so
+the folder's records always describe its adapters. Nothing here knows about ranks: `vmc_fast.runs.launch`
+decides which jobs a process runs and hands in the reporter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import hashlib
 import json
 import math
+import os
 import tempfile
 import traceback
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
-from vmc_fast.config import RunConfig
+from vmc_fast.config import RunConfig, options
 from vmc_fast.errors import NonFiniteError, VmcError
 from vmc_fast.io.files import write_text_atomic
 from vmc_fast.io.prompts import derive_prompt, resolve_prompt_sources
 from vmc_fast.io.video import ClipInfo, find_videos
+from vmc_fast.models.registry import ModelSpec, model_spec
 from vmc_fast.tuning.loop import StepStats
 
 MANIFEST = "manifest.jsonl"
@@ -43,6 +53,17 @@ class Job:
     """The prompt before --derive-prompt rewrote it."""
     no_prompt: str | None = None
     """Why it has no prompt, and the fix (None when it has one)."""
+    request: dict = field(default_factory=dict)
+    """Everything that decides this video's adapter (`request_key`)."""
+    request_hash: str = ""
+    """Short hash of `request`, recorded in the manifest and the adapter."""
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "video": str(self.video), "adapter": str(self.adapter)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Job":
+        return cls(**{**data, "video": Path(data["video"]), "adapter": Path(data["adapter"])})
 
 
 class Reporter(Protocol):
@@ -151,27 +172,146 @@ def _finite_or_none(obj):
 # --------------------------------------------------------------------------------------------- planning
 
 
-def plan_jobs(cfg: RunConfig) -> list[Job]:
-    """All videos of the run with their prompts and adapter paths (raises VmcError on unusable input)."""
+@dataclass
+class Plan:
+    """What a run will do, decided before anything is written."""
+
+    jobs: list[Job]
+    """Every video of the run, in order."""
+    todo: list[Job]
+    """The jobs to tune now: not done yet, or (with --retune) done with another request."""
+    spec: ModelSpec
+    """The model's sizes and schedule."""
+    strategy: str
+    """``videos`` or ``zero`` (``auto`` resolved)."""
+
+    @property
+    def num_done(self) -> int:
+        return len(self.jobs) - len(self.todo)
+
+
+def plan_run(cfg: RunConfig) -> Plan:
+    """Check everything that can be checked without weights, and decide the jobs; writes nothing.
+
+    Raises ValueError naming an option that does not fit the model, and VmcError for an unknown model, unusable
+    videos, an output folder that cannot be written, or videos of --out tuned with another request (unless
+    ``cfg.retune``).
+    """
+    spec = model_spec(cfg.model.model_id)
+    check_against_model(cfg, spec)
+    check_out_dir(cfg)
+    manifest = Manifest(Path(cfg.out_dir).expanduser())
+    entries = manifest.read()
+    jobs = plan_jobs(cfg, entries)
+    strategy = resolve_strategy(cfg, len(jobs))
+    zero_ranks = cfg.parallel.num_ranks if strategy == "zero" else None
+    for job in jobs:
+        job.request = request_key(cfg, job, spec, zero_ranks=zero_ranks)
+        job.request_hash = request_hash(job.request)
+    todo, changed = pending_jobs(jobs, manifest)
+    if changed and not cfg.retune:
+        raise VmcError(_changed_message(cfg, changed))
+    return Plan(jobs=jobs, todo=todo, spec=spec, strategy=strategy)
+
+
+def resolve_strategy(cfg: RunConfig, num_videos: int) -> str:
+    """``auto`` picks ``videos`` when every rank gets at least one video, else ``zero``."""
+    if cfg.parallel.strategy != "auto":
+        return cfg.parallel.strategy
+    return "videos" if num_videos >= cfg.parallel.num_ranks else "zero"
+
+
+def plan_jobs(cfg: RunConfig, entries: dict[str, dict] | None = None) -> list[Job]:
+    """All videos of the run with their prompts and adapter paths (raises VmcError on unusable input).
+
+    entries: the manifest of --out, whose recorded adapter names are kept (`adapter_names`).
+    """
     videos = find_videos(cfg.data.videos)
     prompts = resolve_prompt_sources(videos, cfg.prompt)
-    names = _adapter_names(videos)
+    names = adapter_names([v.resolve() for v in videos], entries or {})
     adapters_dir = Path(cfg.out_dir) / "adapters"
     jobs = []
     for video in videos:
         prompt = prompts[video].text
         derived = derive_prompt(prompt, video) if (prompt and cfg.derive_prompt) else prompt
-        jobs.append(Job(video=video.resolve(), prompt=derived, adapter=adapters_dir / f"{names[video]}.safetensors",
-                        source_prompt=prompt, no_prompt=None if prompt else prompts[video].problem(video)))
+        jobs.append(Job(video=video.resolve(), prompt=derived, source_prompt=prompt,
+                        adapter=adapters_dir / f"{names[video.resolve()]}.safetensors",
+                        no_prompt=None if prompt else prompts[video].problem(video)))
     if len(jobs) == 1 and jobs[0].prompt is None:
         raise VmcError(jobs[0].no_prompt)
     return jobs
 
 
-def _adapter_names(videos: list[Path]) -> dict[Path, str]:
-    # Stems, unless two videos share one (bird.mp4 and bird.gif): then the whole file name.
-    stems = Counter(v.stem for v in videos)
-    return {v: v.stem if stems[v.stem] == 1 else v.name.replace(".", "_") for v in videos}
+def adapter_names(videos: list[Path], entries: dict[str, dict]) -> dict[Path, str]:
+    """A unique, stable adapter name (file stem) for every video, unique also when case is ignored.
+
+    A video already in the manifest keeps the name recorded there. A new one gets its stem (a frame folder its
+    name) unless another video of the run has the same stem, else its whole name with dots as underscores
+    (``bird_mp4``); then ``_2``, ``_3``, ... until no video of the run or of the manifest uses it.
+    """
+    recorded = {video: _recorded_name(entry) for video, entry in entries.items()}
+    taken = {name.casefold() for name in recorded.values() if name}
+    names: dict[Path, str] = {}
+    kept: set[str] = set()
+    for video in videos:
+        name = recorded.get(str(video))
+        if name and name.casefold() not in kept:  # (a manifest from before unique names may hold one twice)
+            names[video] = name
+            kept.add(name.casefold())
+    stems = Counter(_stem(v).casefold() for v in videos)
+    for video in videos:
+        if video in names:
+            continue
+        whole = video.name.replace(".", "_")
+        candidates = ([_stem(video)] if stems[_stem(video).casefold()] == 1 else []) + [whole]
+        candidates += (f"{whole}_{number}" for number in range(2, len(taken) + len(videos) + 3))
+        names[video] = next(c for c in candidates if c.casefold() not in taken)
+        taken.add(names[video].casefold())
+    return names
+
+
+def _stem(video: Path) -> str:
+    return video.name if video.is_dir() else video.stem
+
+
+def _recorded_name(entry: dict) -> str | None:
+    if entry.get("adapter_name"):
+        return entry["adapter_name"]
+    return Path(entry["adapter"]).stem if entry.get("adapter") else None  # manifests written before names were
+
+
+def check_against_model(cfg: RunConfig, spec: ModelSpec) -> None:
+    """ValueError naming the option when a setting does not fit the model: the loss stride against the number
+    of frames, the timestep range against the schedule, the frame size against what the model can divide."""
+    num_frames, height, width = frame_size(cfg, spec)
+    stride = cfg.train.loss_stride
+    frames = "--frames" if cfg.data.num_frames else f"--frames (now the model's default, {num_frames})"
+    if stride >= num_frames:
+        raise ValueError(f"--loss-stride {stride}: must be less than the number of frames ({num_frames} frames "
+                         f"allow 1..{num_frames - 1}); lower --loss-stride or raise {frames}")
+    num_timesteps = spec.num_train_timesteps
+    if cfg.train.timestep_range is not None and cfg.train.timestep_range[1] > num_timesteps:
+        raise ValueError(f"timestep_range {tuple(cfg.train.timestep_range)}: the model's schedule has "
+                         f"{num_timesteps} timesteps; use 0 <= lo < hi <= {num_timesteps}")
+    for option, given, value in (("--height", cfg.data.height, height), ("--width", cfg.data.width, width)):
+        problem = spec.size_problem(option if given else f"{option} (the model's default)", value)
+        if problem:
+            raise ValueError(problem)
+
+
+def frame_size(cfg: RunConfig, spec: ModelSpec) -> tuple[int, int, int]:
+    """(frames, height, width) a run tunes on: the options, or the model's defaults where they are unset."""
+    data = cfg.data
+    return data.num_frames or spec.num_frames, data.height or spec.height, data.width or spec.width
+
+
+def check_out_dir(cfg: RunConfig) -> None:
+    """VmcError when --out cannot be created or written; creates nothing (that is `prepare_out_dir`)."""
+    out = Path(cfg.out_dir).expanduser()
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is a file" if not existing.is_dir() else "is not writable"
+        raise VmcError(f"--out {out}: not writable ({existing} {why}); choose a folder you can write to")
 
 
 def prepare_out_dir(cfg: RunConfig) -> Path:
@@ -187,19 +327,178 @@ def prepare_out_dir(cfg: RunConfig) -> Path:
     return out
 
 
+def start_run(cfg: RunConfig, plan: Plan) -> Path:
+    """After every check passed: create --out, save config.json, record the jobs to tune as `pending`. A rerun
+    with nothing to tune writes nothing."""
+    out = Path(cfg.out_dir).expanduser()
+    if plan.todo:
+        prepare_out_dir(cfg)
+        mark_pending(plan.todo, Manifest(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+REQUEST_EXCLUDED = {
+    "data.videos": "each video is keyed by its own file (path, size, modification time) instead",
+    "model.model_id": "keyed by the resolved id and the family instead",
+    "model.attention": "speed only: every kernel computes the same attention",
+    "model.compile": "speed only: the compiled graph computes the same function",
+    "model.gradient_checkpointing": "speed only: recomputes the same activations",
+    "parallel": "how ranks share the work; under zero the number of ranks is keyed (it sets the batch)",
+    "prompt": "keyed as each video's final prompt instead",
+    "derive_prompt": "keyed as each video's final prompt instead",
+    "out_dir": "where results go, not what they are",
+    "cache_dir": "a cache holds the same values wherever it is",
+    "retune": "how a rerun treats old results, not what they are",
+}
+"""RunConfig fields (dotted paths) left out of the request key, and why. Every other field, including fields
+added later, is in it: a setting is assumed to change the adapter unless it is listed here (a record made before
+a field existed still matches while the field is at its default). The frozen weights' dtype and the precision
+are in it (bf16 or int8 storage and autocast change the numbers)."""
+
+
+def request_key(cfg: RunConfig, job: Job, spec: ModelSpec, *, zero_ranks: int | None = None) -> dict[str, Any]:
+    """Everything that decides `job`'s adapter, flat {name: JSON value}: the video file, its final prompt, the
+    resolved model, and every RunConfig field not in REQUEST_EXCLUDED, with defaults resolved (frame size from
+    the model, ``auto`` precision for this machine, the full timestep range). zero_ranks: the number of ranks
+    under --strategy zero (each adds one sample to the batch); None otherwise."""
+    from vmc_fast.runtime import resolve_device, resolve_precision
+
+    key = {name: value for name, value in _fields(cfg) if name not in REQUEST_EXCLUDED}
+    key["data.num_frames"], key["data.height"], key["data.width"] = frame_size(cfg, spec)
+    precision = resolve_precision(cfg.train.precision, resolve_device())
+    key["train.precision"] = precision
+    if cfg.model.frozen_dtype == "auto":  # stored in the compute dtype (TuningSession._load)
+        key["model.frozen_dtype"] = precision
+    key["train.timestep_range"] = list(cfg.train.timestep_range or (0, spec.num_train_timesteps))
+    key.update({"video": str(job.video), **_file_identity(job.video), "prompt": job.prompt,
+                "model": spec.model_id_resolved, "model.family": spec.family})
+    if zero_ranks is not None:
+        key["parallel.zero_ranks"] = zero_ranks
+    return json.loads(json.dumps(key))  # tuples as lists, as it reads back from the manifest
+
+
+def request_hash(key: dict) -> str:
+    """16 hex digits of sha256 over the key's sorted JSON."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fields(obj, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for f in dataclasses.fields(obj):
+        name, value = prefix + f.name, getattr(obj, f.name)
+        if name in REQUEST_EXCLUDED:
+            continue
+        if dataclasses.is_dataclass(value):
+            yield from _fields(value, name + ".")
+        else:
+            yield name, value
+
+
+def _file_identity(video: Path) -> dict[str, Any]:
+    """Size and modification time of a video file, or of every file of a frame folder (a digest of them)."""
+    if video.is_file():
+        stat = video.stat()
+        return {"video.size": stat.st_size, "video.mtime_ns": stat.st_mtime_ns}
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in video.iterdir() if p.is_file())
+    return {"video.files": len(files), "video.digest": request_hash({"files": files})}
+
+
+def _changed_message(cfg: RunConfig, changed: list[tuple[Job, list[str]]]) -> str:
+    shown = "; ".join(f"{job.video.name}: {', '.join(diffs)}" for job, diffs in changed[:3])
+    more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+    if len(changed) == 1:
+        videos, adapters, replaced = "1 video was", "its adapter", "it is replaced"
+    else:
+        videos, adapters, replaced = f"{len(changed)} videos were", "their adapters", "they are replaced"
+    return (f"--out {cfg.out_dir}: {videos} tuned with other settings ({shown}{more}); {adapters} would no "
+            f"longer match this run. Use another --out folder, or pass --retune to tune again ({replaced})")
+
+
+def describe_changes(old: dict, new: dict) -> list[str]:
+    """Human words for the fields whose values differ, named as their options: ``--steps 2 → 3``."""
+    flags = {".".join(o.path): o.flag for o in options(RunConfig)}
+    diffs = []
+    if any(old.get(k) != new.get(k) for k in new if k.startswith("video.")):
+        diffs.append("the video file changed (size or modification time)")
+    for name in sorted(set(old) | set(new), key=lambda n: (n != "prompt", n != "model", n)):
+        if name.startswith("video") or old.get(name) == new.get(name):
+            continue
+        label = {"prompt": "prompt", "model": "--model", "model.family": "model family",
+                 "parallel.zero_ranks": "ranks under --strategy zero"}.get(name, flags.get(name, name))
+        before, after = (_short(d[name]) if name in d else "unset" for d in (old, new))
+        diffs.append(f"{label} {before} → {after}")
+    return diffs
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 40 else text[:38] + "…" + text[-1]
+
+
 # --------------------------------------------------------------------------------------------- running
 
 
-def pending_jobs(jobs: list[Job], manifest: Manifest) -> list[Job]:
-    """Jobs not already done (a `done` entry whose adapter file is missing is redone)."""
+def pending_jobs(jobs: list[Job], manifest: Manifest) -> tuple[list[Job], list[tuple[Job, list[str]]]]:
+    """(todo, changed): the jobs to tune (not done, or done but their adapter file is missing; with the
+    changed ones among them, in order), and the done jobs whose request differs from the one recorded in the
+    manifest or in their adapter, each with the differences in words (`describe_changes`).
+
+    A manifest entry written before requests were recorded counts as changed only when its recorded prompt or
+    steps differ.
+    """
     entries = manifest.read()
-    return [j for j in jobs if not (entries.get(str(j.video), {}).get("status") == "done" and j.adapter.is_file())]
+    todo, changed = [], []
+    for job in jobs:
+        entry = entries.get(str(job.video), {})
+        if entry.get("status") != "done" or not job.adapter.is_file():
+            todo.append(job)
+            continue
+        diffs = _request_changes(job, entry)
+        if diffs:
+            changed.append((job, diffs))
+            todo.append(job)
+    return todo, changed
+
+
+def _request_changes(job: Job, entry: dict) -> list[str]:
+    if "request_hash" not in entry:  # a manifest from before request keys: compare what it recorded
+        legacy = {"prompt": entry.get("prompt"), "train.steps": entry.get("steps", job.request.get("train.steps"))}
+        return describe_changes(legacy, {k: job.request.get(k) for k in legacy})
+    written = _adapter_request_hash(job.adapter)
+    if written is not None and written != entry["request_hash"]:
+        return [f"{job.adapter.name} was written by another run (request {written}, manifest "
+                f"{entry['request_hash']})"]
+    if entry["request_hash"] == job.request_hash:
+        return []
+    # A setting added to vmc-fast after the run is missing from its record: at its default it changed nothing.
+    old, defaults = entry.get("request", {}), _default_settings()
+    added = {k for k, v in job.request.items() if k not in old and k in defaults and v == defaults[k]}
+    return describe_changes(old, {k: v for k, v in job.request.items() if k not in added})
+
+
+def _default_settings() -> dict[str, Any]:
+    return json.loads(json.dumps(dict(_fields(RunConfig()))))
+
+
+def _adapter_request_hash(path: Path) -> str | None:
+    """The request hash in an adapter file's metadata (None: not recorded, or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            extra = json.loads((handle.metadata() or {}).get("extra", "{}"))
+    except Exception:  # a file we cannot read is not ours to judge here; loading it will say what is wrong
+        return None
+    return extra.get("request_hash")
 
 
 def mark_pending(jobs: list[Job], manifest: Manifest) -> None:
-    """Record every job of the run as `pending` before any work starts, so the manifest shows the whole plan."""
+    """Record every job of the run as `pending` before any work starts, so the manifest shows the whole plan,
+    with each job's adapter name (kept across reruns) and request."""
     for job in jobs:
-        manifest.update(job.video, status="pending", prompt=job.prompt)
+        manifest.update(job.video, status="pending", prompt=job.prompt, adapter_name=job.adapter.stem,
+                        request=job.request, request_hash=job.request_hash)
 
 
 def run_jobs(session, jobs: list[Job], manifest: Manifest, reporter: Reporter) -> None:
@@ -219,7 +518,8 @@ def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: 
     manifest.update(job.video, status="pending", prompt=job.prompt)
     try:
         done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, reporter.step,
-                                  on_clip=lambda info: _clip_loaded(reporter, job, info))
+                                  on_clip=lambda info: _clip_loaded(reporter, job, info),
+                                  request_hash=job.request_hash)
     except NonFiniteError as exc:  # the step it stopped at goes into the record; no adapter was written
         return manifest.update(job.video, status="failed", error=f"video {job.video.name}: {exc}",
                                nonfinite_step=exc.step)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from vmc_fast.errors import VmcError, VmcWarning
-from vmc_fast.models.registry import Backbone, LoadOptions, register
+from vmc_fast.models.registry import Backbone, LoadOptions, ModelSpec, register, spec_from_configs
 from vmc_fast.models.show1.unet import Show1Config, Show1UNet3D
 from vmc_fast.models.tiny import PROMPT_LENGTH, T5_SPECIAL_TOKENS, t5_style_tokenizer
 
@@ -214,5 +214,16 @@ def load_toy_backbone(options: LoadOptions) -> Backbone:
                     width=config.get("width", WIDTH))
 
 
+def toy_spec() -> ModelSpec:
+    """The toy model's spec from its config.json (no weights read); Show-1's schedule."""
+    from vmc_fast.models.show1.loading import SHOW1_SCHEDULER_CONFIG
+
+    config = read_toy_config()
+    return spec_from_configs("toy", "show1", config["unet"], None, SHOW1_SCHEDULER_CONFIG,
+                             num_frames=config.get("num_frames", NUM_FRAMES), height=config.get("height", HEIGHT),
+                             width=config.get("width", WIDTH))
+
+
 register("toy", load_toy_backbone,
-         "small Show-1-family model pretrained on the toy world (shipped weights; see vmc_fast/toy/assets/weights/README.md)")
+         "small Show-1-family model pretrained on the toy world (shipped weights; see vmc_fast/toy/assets/weights/README.md)",
+         spec=toy_spec)

@@ -178,9 +178,10 @@ class TuningSession:
 
     def tune_video(self, video: Path, prompt: str, text_states: torch.Tensor, adapter_path: Path,
                    on_step: Callable[[StepStats], None] | None = None,
-                   on_clip: Callable[[ClipInfo], None] | None = None) -> VideoResult:
+                   on_clip: Callable[[ClipInfo], None] | None = None, *, request_hash: str | None = None) -> VideoResult:
         """Reset the tuned tensors, tune on `video`, write the adapter atomically. `on_clip` hears what was taken
-        from the video before tuning starts."""
+        from the video before tuning starts; the adapter records `request_hash`, the run's key for this video
+        (`vmc_fast.runs.library.request_key`)."""
         clip, clip_info = self.read_input(video)
         if on_clip is not None:
             on_clip(clip_info)
@@ -196,7 +197,7 @@ class TuningSession:
         with whole_parameters(self._optimizer_step):  # on every rank: under ZeRO-3 gathering is collective
             state = trainable_state(unet)
         if self.write_adapters:
-            self.save(adapter_path, prompt, result, state, video=video, clip=clip_info)
+            self.save(adapter_path, prompt, result, state, video=video, clip=clip_info, request_hash=request_hash)
         return VideoResult(adapter=adapter_path, result=result, peak_memory_bytes=peak, clip=clip_info,
                            encoded_prompt=self.encoded_prompts.get(prompt))
 
@@ -207,18 +208,18 @@ class TuningSession:
                 param.copy_(initial)
 
     def save(self, path: Path, prompt: str, result: TuneResult, state: dict[str, torch.Tensor],
-             video: Path | None = None, clip: ClipInfo | None = None) -> Path:
+             video: Path | None = None, clip: ClipInfo | None = None, *, request_hash: str | None = None) -> Path:
         """Write the adapter of `state`, the tuned tensors (whole, on the CPU), tuned on `video` (`clip`: what was
-        taken from it)."""
+        taken from it; `request_hash`: the run's key for this video)."""
         s = self.sampling
         return save_adapter(
             path, state, base_model=self.cfg.model.model_id, fingerprint=self.fingerprint, prompt=prompt,
             steps=self.cfg.train.steps, final_loss=result.final_loss, loss=self.cfg.train.loss,
-            num_frames=s.num_frames, height=s.height, width=s.width, extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride,
-                                  "reverse": s.reverse, "family": self.backbone.family,
-                                  "loss_weight": self.cfg.train.loss_weight,
-                                  "loss_formula": loss_formula(self.cfg.train.loss, self.cfg.train.loss_weight),
-                                  "skipped_steps": result.skipped_steps},
+            num_frames=s.num_frames, height=s.height, width=s.width,
+            extra={"seed": self.cfg.train.seed, "loss_stride": self.cfg.train.loss_stride, "reverse": s.reverse,
+                   "family": self.backbone.family, "loss_weight": self.cfg.train.loss_weight,
+                   "loss_formula": loss_formula(self.cfg.train.loss, self.cfg.train.loss_weight),
+                   "skipped_steps": result.skipped_steps, "request_hash": request_hash},
             base=self.base, sampling=self.sampling_record(video, clip),
             encoded_prompt=self.encoded_prompts.get(prompt),
         )

@@ -4,6 +4,11 @@
 DeepSpeed runs its optimizer on the trainable temporal Q/K/V only. Each rank draws its own timestep and noise (an
 effective batch of one sample per rank); ZeRO shards optimizer state (stage 1), gradients (stage 2) and
 parameters (stage 3) across ranks.
+
+Under ZeRO all ranks must take every collective together, so they also decide together (`RankAgreement`): before
+each step whether every loss is finite, after it whether the update was applied, and whether every rank could
+load its input. A problem on any rank then fails the video on all of them, and none is ever left waiting in a
+collective the others skipped.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 from torch import nn
 
 from vmc_fast.config import RunConfig, TrainConfig
+from vmc_fast.errors import VmcError
 
 
 class OptimizerStep(Protocol):
@@ -132,37 +138,152 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     }
 
 
+class RanksFailed(VmcError):
+    """Some rank could not go on with the video; every rank raised this at the same point, so all can move on
+    to the next video together. The message names each rank's problem."""
+
+
+class RankStopped(BaseException):
+    """A rank failed inside a collective, where the others cannot learn of it: the run must stop (this rank exits
+    and torch.distributed.run stops the others). A BaseException, so that per-video error handling, which
+    records a failure and moves on, lets it through."""
+
+
+class RankAgreement:
+    """Decisions all ranks of the default process group take together (each call is a collective: every rank
+    must make the same calls in the same order).
+
+    `settle(problem)` is the one decision: each rank says what, if anything, went wrong on it; when any rank has
+    a problem every rank raises the same RanksFailed. `collective()` marks code in which the ranks talk (backward,
+    the update, engine set-up; `watch` adds a module's forward, which gathers parameters under ZeRO-3): an
+    exception there leaves the others waiting, so `broken` turns True and the run must stop instead.
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else _collective_device()
+        self._failed_inside = False
+        self._depth = 0
+
+    @property
+    def broken(self) -> bool:
+        """True after an exception inside a collective (or while one is still open: it was left by one)."""
+        return self._failed_inside or self._depth > 0
+
+    def agree(self, ok: bool) -> bool:
+        """True when `ok` on every rank (an all-reduce of one integer, MIN)."""
+        flag = torch.tensor([int(ok)], device=self.device)
+        with self.collective():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def settle(self, problem: str | None) -> None:
+        """Return when no rank has a problem; else raise RanksFailed naming each rank's, on every rank."""
+        if self.agree(problem is None):
+            return
+        problems: list[str | None] = [None] * torch.distributed.get_world_size()
+        with self.collective():
+            torch.distributed.all_gather_object(problems, problem)
+        raise RanksFailed(_by_rank(problems))
+
+    @contextlib.contextmanager
+    def collective(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._failed_inside = True
+            raise
+        finally:
+            self._depth -= 1
+
+    def watch(self, module: nn.Module) -> None:
+        """Count `module`'s forward as a collective (ZeRO-3 gathers its partitioned parameters there): an
+        exception inside it never reaches the post-hook, so the collective stays open and `broken` is True."""
+        def enter(*_):
+            self._depth += 1
+
+        def leave(*_):
+            self._depth -= 1
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+
+def _by_rank(problems: list[str | None]) -> str:
+    """The problems by rank: ``rank 1: X``, or ``ranks 0, 1: X`` when several report the same."""
+    grouped: dict[str, list[int]] = {}
+    for rank, problem in enumerate(problems):
+        if problem is not None:
+            grouped.setdefault(problem, []).append(rank)
+    return "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {p}" for p, r in grouped.items())
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class ZeroStepFactory:
     """Builds the DeepSpeed engine once per session; later videos reset its master weights and moments."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, ranks: RankAgreement | None = None):
         self.cfg = cfg
+        self.ranks = ranks
         self.step: DeepSpeedStep | None = None
 
     def __call__(self, unet: nn.Module, params: list[nn.Parameter]) -> "DeepSpeedStep":
-        if self.step is None:
-            self.step = DeepSpeedStep(unet, params, self.cfg)
-        else:
-            self.step.reset(params)
+        self.ranks = ranks = self.ranks or RankAgreement()
+        with ranks.collective():  # initialize broadcasts and partitions; resetting ZeRO-3 gathers
+            if self.step is None:
+                self.step = DeepSpeedStep(unet, params, self.cfg, ranks)
+            else:
+                self.step.reset(params)
         return self.step
 
 
 class DeepSpeedStep:
-    """backward + clip + step through a DeepSpeed engine (ZeRO stage from the config)."""
+    """backward + clip + step through a DeepSpeed engine (ZeRO stage from the config), agreeing with the other
+    ranks before each step that every loss is finite and after it that the update was applied (stage 0, which
+    has no overflow check of its own: before it, that every gradient is finite)."""
 
-    def __init__(self, unet: nn.Module, params: list[nn.Parameter], cfg: RunConfig):
+    def __init__(self, unet: nn.Module, params: list[nn.Parameter], cfg: RunConfig,
+                 ranks: RankAgreement | None = None):
         import deepspeed
 
         optimizer = build_optimizer(params, cfg.train)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=unet, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg))
         self.params = params
+        self.stage = cfg.parallel.zero_stage
+        self.ranks = ranks or RankAgreement()
+        self.step_index = 0
+        if self.stage == 3:
+            self.ranks.watch(unet)
 
     def __call__(self, loss: torch.Tensor) -> float:
-        self.engine.backward(loss)
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else math.nan
+        self.step_index += 1
+        value = float(loss.detach())
+        self.ranks.settle(None if math.isfinite(value) else f"the loss became {value} at step {self.step_index}")
+        with self.ranks.collective():
+            self.engine.backward(loss)
+        if self.stage == 0:  # gradients are already averaged: look at them before the update
+            norm = _grad_norm(self.params)
+            self.ranks.settle(self._gradient_problem(norm))
+        with self.ranks.collective():
+            self.engine.step()
+        if self.stage > 0:  # ZeRO skips the update on a non-finite norm (its overflow check) and says so here
+            reported = self.engine.get_global_grad_norm()  # None when the engine computes no norm
+            norm = float(reported) if reported is not None else math.nan
+            applied = self.engine.was_step_applied() and (reported is None or math.isfinite(norm))
+            self.ranks.settle(None if applied else self._gradient_problem(norm))
+        return norm
+
+    def _gradient_problem(self, norm: float) -> str | None:
+        """None for a finite norm, else what happened (the update is skipped or was not applied)."""
+        if math.isfinite(norm):
+            return None
+        return f"the gradient norm became {norm} at step {self.step_index}; the update was not applied"
 
     def full_parameters(self, modify: bool = False) -> contextlib.AbstractContextManager:
         """ZeRO-3: gathers the partitions (collective: every rank must enter); with `modify`, rank 0's in-place
@@ -174,7 +295,17 @@ class DeepSpeedStep:
         return deepspeed.zero.GatheredParameters(self.params, modifier_rank=0 if modify else None)
 
     def reset(self, params: list[nn.Parameter]) -> None:
-        """Start a new video: master weights from the (already reset) module params, zero Adam moments."""
+        """Start a new video: master weights from the (already reset) module params, zero Adam moments.
+
+        Stage 0 has no master copy (the module's parameters are the optimizer's, already reset by the session),
+        and the torch optimizer is `engine.optimizer` itself: its state is dropped, AdamW rebuilds it lazily."""
+        self.step_index = 0
+        optimizer = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        if self.stage == 0:
+            optimizer.state.clear()
+            for param in params:  # a video that failed between backward and the update left its gradients
+                param.grad = None
+            return
         from deepspeed.utils import (
             safe_set_full_fp32_param,
             safe_set_full_optimizer_state,
@@ -194,9 +325,15 @@ class DeepSpeedStep:
             safe_set_full_fp32_param(param, full)
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(param, torch.zeros_like(full), key)
-        for state in self.engine.optimizer.optimizer.state.values():
+        for state in optimizer.state.values():
             if "step" in state:
                 state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    """Global 2-norm of the parameters' gradients (inf or nan when any entry is)."""
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 def _local_partition(param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,17 @@ from functools import partial
 import torch
 
 from vmc_fast.models import tiny
-from vmc_fast.models.registry import Backbone, LoadOptions, register, register_family
+from vmc_fast.models.registry import (
+    Backbone,
+    LoadOptions,
+    ModelSpec,
+    read_config_file,
+    register,
+    register_family,
+    spec_from_configs,
+)
 from vmc_fast.models.show1.loading import (
+    SHOW1_SCHEDULER_CONFIG,
     load_show1_scheduler,
     load_show1_unet,
     show1_scheduler,
@@ -76,9 +85,21 @@ def build_base_arch_backbone(options: LoadOptions) -> Backbone:
                     num_frames=8, height=40, width=64, benchmark_only=True)
 
 
-register_family("show1", is_show1_unet_config, load_show1_backbone)
+def show1_spec(model_id: str, unet_config: dict, scheduler_config: dict | None = None, *, height: int = 40,
+               width: int = 64) -> ModelSpec:
+    """The spec of a Show-1 keyframe model (pixel space: no VAE); the schedule of `scheduler_config`, else of
+    the repository's scheduler_config.json (as `load_show1_backbone` sizes and schedules it)."""
+    scheduler_config = scheduler_config or read_config_file(model_id, "scheduler/scheduler_config.json")
+    return spec_from_configs(model_id, "show1", unet_config, None, scheduler_config, num_frames=8, height=height,
+                             width=width)
+
+
+register_family("show1", is_show1_unet_config, load_show1_backbone, spec=show1_spec)
 register("show1-tiny-random", build_tiny_random_backbone,
          "tiny random Show-1 family: keyframe UNet, tiny T5, interpolation and super-resolution stages (CPU tests "
-         "and smoke runs, no download)")
+         "and smoke runs, no download)",
+         spec=lambda: show1_spec("show1-tiny-random", tiny.show1_unet_config(), SHOW1_SCHEDULER_CONFIG, height=16,
+                                 width=24))
 register("show1-base-arch", build_base_arch_backbone,
-         "full Show-1 base architecture with random weights (benchmarks only; random text states)")
+         "full Show-1 base architecture with random weights (benchmarks only; random text states)",
+         spec=lambda: show1_spec("show1-base-arch", Show1Config().to_dict(), SHOW1_SCHEDULER_CONFIG))
