@@ -1,5 +1,6 @@
 """The command line: an end-to-end run in a subprocess, resuming, and one clear error for each bad input."""
 
+import io
 import json
 import os
 import subprocess
@@ -191,3 +192,26 @@ def test_ctrl_c_says_what_is_kept_and_exits_130(square_video, tmp_path):
     [entry] = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert entry["status"] == "pending"
     assert not list(out.rglob("*.tmp*"))
+
+
+def test_warnings_print_as_one_line_and_known_noise_is_dropped(tmp_path):
+    import warnings
+
+    from rich.console import Console
+
+    from vmc_fast.errors import VmcWarning
+    from vmc_fast.reporting import print_warnings_as_lines
+
+    console = Console(file=io.StringIO(), width=200)
+    with warnings.catch_warnings():
+        print_warnings_as_lines(console)
+        warnings.warn(VmcWarning("clip.mp4: frames have transparent pixels; composited onto white"))
+        warnings.warn(FutureWarning("`torch_dtype` is deprecated and will be removed in version 1.0.0."))
+    assert console.file.getvalue() == "warning: clip.mp4: frames have transparent pixels; composited onto white\n"
+
+
+def test_generate_refuses_a_size_the_model_cannot_take(tmp_path):
+    result = runner.invoke(app, ["generate", "--prompt", "a dog", "--height", "30", "--steps", "1",
+                                 "--out", str(tmp_path / "x.gif")])
+    assert result.exit_code == 2 and "--height 30: tiny-random needs a multiple of 4" in result.output
+    assert not (tmp_path / "x.gif").exists()

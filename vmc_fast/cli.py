@@ -122,7 +122,10 @@ def config_command(name: str, cls: type, run: Callable[..., None], *, epilog: st
     by_key = {"_".join(f.path): f.path for f in fields}
 
     def command(**kwargs) -> None:
+        from vmc_fast.reporting import print_warnings_as_lines
+
         console = _console(stderr=bool(kwargs.get("json_output")))
+        print_warnings_as_lines(_console(stderr=True))
         extras = {p.name: kwargs.pop(p.name) for p in extra}
         try:
             cfg = from_options(cls, {by_key[k]: parsers[k](v) for k, v in kwargs.items()})

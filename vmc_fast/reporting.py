@@ -260,3 +260,35 @@ def units_progress(console: Console, description: str):
 
     return progress, on_progress
 
+
+# --------------------------------------------------------------------------------------------- warnings
+
+KNOWN_NOISE = (
+    (FutureWarning, r"`torch_dtype` is deprecated"),
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated"),
+    (UserWarning, r"MatMul8bitLt: inputs will be cast from"),
+    (FutureWarning, r".*TRANSFORMERS_CACHE.*"),
+)
+"""(category, message regex) of other packages' warnings that mean nothing to a user of vmc-fast: deprecations
+inside the pipelines we wrap, bitsandbytes' note on the dtype it quantizes in. Our own warnings always show."""
+NOISY_LOGGERS = ("bitsandbytes",)
+"""Loggers whose warnings are only about optional kernels ("Failed to load CPU gemm_4bit_forward from
+kernels-community"): shown from ERROR up."""
+
+
+def print_warnings_as_lines(console: Console) -> None:
+    """Show every warning as one line, ``warning: <message>``, on `console`, and drop the known noise."""
+    import logging
+    import warnings
+
+    from rich.markup import escape
+
+    for category, pattern in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show

@@ -201,14 +201,23 @@ def _apply_adapter(backbone, adapter: str | None):
 
 
 def _size(cfg: GenerateConfig, backbone, info) -> tuple[int, int, int]:
-    """(num_frames, height, width) in pixels: the config's, else the adapter's, else the model's."""
+    """(num_frames, height, width) in pixels: the config's, else the adapter's, else the model's. ValueError
+    naming --height/--width when the model cannot take that size (`ModelSpec.size_problem`)."""
+    from vmc_fast.models.registry import model_spec
+
     def pick(name: str) -> int:
         value = getattr(cfg, name)
         if value is not None:
             return value
         return getattr(info, name) if info is not None else getattr(backbone, name)
 
-    return pick("num_frames"), pick("height"), pick("width")
+    size = pick("num_frames"), pick("height"), pick("width")
+    spec = model_spec(cfg.model_id)
+    for option, value in (("--height", size[1]), ("--width", size[2])):
+        problem = spec.size_problem(option, value)
+        if problem:
+            raise ValueError(problem)
+    return size
 
 
 def _prompt_states(cfg: GenerateConfig, backbone, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
