@@ -114,3 +114,14 @@ def test_dry_run_checks_the_parts_a_cpu_can_check(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert "tests: ok" in summary and "profile: ok" in summary and "bench: ok" in summary
     assert "run(command='bash benchmarks/gpu/run.sh --out $OUT', carry=['.whl']" in done.stdout
+
+
+def test_the_toy_part_reads_the_rate_of_the_pretraining_log():
+    from vmc_fast.toy.pretrain import PretrainConfig, TrainState, _progress
+
+    run = _load("run")
+    cfg = PretrainConfig(out="unused", steps=100)
+    state = TrainState(unet=None, text_encoder=None, optimizer=None, step=40)
+    line = _progress(cfg, state, [{"loss": 0.5, "eps": 0.4, "vlb": 0.1}], rate=12.3456)
+    assert run.steps_per_second(f"noise\n{line}\nmore noise\n") == 12.346
+    assert run.steps_per_second("no progress yet") is None

@@ -309,12 +309,11 @@ def part_toy(runner: Runner, budget_s: float) -> tuple[str, str]:
     deadline = time.monotonic() + budget_s
     calibration = [*pretrain, "--out", str(work / "calibration"), "--steps", "40", "--log-every", "10"]
     status, _ = runner.run(calibration, log, min(120.0, budget_s / 3))
-    rates = [float(line.split(" steps/s")[0].split()[-1]) for line in log.read_text().splitlines()
-             if " steps/s" in line]
-    if status != 0 or not rates:
+    rate = steps_per_second(log.read_text())
+    if status != 0 or rate is None:
         return "failed", f"calibration did not run: {_last_line(log)}"
     train_s = deadline - time.monotonic() - TOY_EVAL_SECONDS
-    steps = max(100, int(rates[-1] * train_s) // 100 * 100)
+    steps = max(100, int(rate * train_s) // 100 * 100)
     run_dir, export_dir, eval_dir = work / "run", work / "weights", work / "eval"
     command = [*pretrain, "--out", str(run_dir), "--steps", str(steps), "--checkpoint-every", "200", "--export",
                "--export-dir", str(export_dir)]
@@ -329,7 +328,13 @@ def part_toy(runner: Runner, budget_s: float) -> tuple[str, str]:
             if path.exists():
                 tar.add(path, arcname=path.name)
     return ("ok" if (eval_dir / "eval.md").is_file() else "failed"), \
-        f"{steps} steps planned at {rates[-1]:.2f} steps/s; pretraining {'finished' if status == 0 else 'cut'}"
+        f"{steps} steps planned at {rate:.2f} steps/s; pretraining {'finished' if status == 0 else 'cut'}"
+
+
+def steps_per_second(log_text: str) -> float | None:
+    """The rate of the last progress line of `vmc-fast toy-pretrain` ("... 12.345 steps/s ..."), or None."""
+    rates = [float(line.split(" steps/s")[0].split()[-1]) for line in log_text.splitlines() if " steps/s" in line]
+    return rates[-1] if rates else None
 
 
 def _check_cli_options(runner: Runner, command: list[str], log: Path) -> tuple[str, str]:
