@@ -257,14 +257,14 @@ if os.environ.get("RANK") == "1":
     from vmc_fast.errors import VmcError
     from vmc_fast.tuning import session
 
-    load_input = session.TuningSession.load_input
+    read_input = session.TuningSession.read_input  # what tune_video reads its clip with
 
-    def failing_load_input(self, video):
+    def failing_read_input(self, video):
         if video.name == "a.mp4":
             raise VmcError(f"video {video}: injected failure on rank 1")
-        return load_input(self, video)
+        return read_input(self, video)
 
-    session.TuningSession.load_input = failing_load_input
+    session.TuningSession.read_input = failing_read_input
 """
 
 
