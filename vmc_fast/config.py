@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmc_fast.models.attention import BACKENDS
+from vmc_fast.models.registry import TEMPORAL_QKV_PATTERN
 
 LOSS_KINDS = ("cos", "l2", "cos-frames-abs", "eps-mse")
 """Kinds of `vmc_fast.losses.motion_distillation_loss` (docs/design.md section 1)."""
@@ -30,8 +31,9 @@ COMPILE_MODES = ("regional", "full", "off")
 """``regional``: each down/mid/up block separately; ``full``: the whole forward; ``off``: eager."""
 STORAGE_DTYPES = ("fp32", "bf16", "int8")
 """How frozen weights can be stored (`vmc_fast.tuning.precision`)."""
-DEFAULT_TRAINABLE_PATTERN = r"temp_attentions\..*\.to_[qkv]\.weight$"
-"""Names of the tuned tensors: the temporal attention Q/K/V projections (`vmc_fast.tuning.surgery`)."""
+DEFAULT_TRAINABLE_PATTERN = TEMPORAL_QKV_PATTERN
+"""Names of the tuned tensors of Show-1 and UNet3D: the temporal attention Q/K/V projections
+(`vmc_fast.tuning.surgery`); each backbone says its own (`Backbone.trainable_pattern`)."""
 RESIZE_MODES = ("crop", "squash")
 BACKGROUND_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
 """Named colours of --background; #RRGGBB is accepted too."""
@@ -154,8 +156,9 @@ class ModelConfig:
 
     model_id: str = field(default="tiny-random", metadata=option("--model"))
     """Built-in name, hub id or local folder."""
-    trainable_pattern: str = field(default=DEFAULT_TRAINABLE_PATTERN, metadata=option("--trainable"))
-    """Regex of the tuned parameter names (default: temporal attention Q/K/V)."""
+    trainable_pattern: str | None = field(default=None, metadata=option("--trainable"))
+    """Regex of the tuned parameter names; default: the model's temporal attention Q/K/V (temp_attentions.* in
+    Show-1 and UNet3D, motion_modules.* in AnimateDiff)."""
     gradient_checkpointing: bool = field(default=False, metadata=option("--checkpointing"))
     """Gradient checkpointing: recompute activations in backward (less memory, about a third more compute)."""
     frozen_dtype: str = "auto"
@@ -175,7 +178,7 @@ class ModelConfig:
                     f"must be one of {', '.join(ATTENTION_BACKENDS)}")
         check_field(self.compile in COMPILE_MODES, "--compile", f"must be one of {', '.join(COMPILE_MODES)}")
         try:
-            re.compile(self.trainable_pattern)
+            re.compile(self.trainable_pattern or "")
         except re.error as exc:
             raise ValueError(f"--trainable: {self.trainable_pattern!r} is not a valid regex ({exc})") from exc
 
@@ -392,12 +395,16 @@ class GenerateConfig(FrameOptions):
 
 def resolve_model_id(model_id: str) -> str:
     """A model id as recorded: an existing local folder as its absolute path (so that adapters and run records
-    name it from anywhere), anything else (built-in names, hub ids) unchanged."""
+    name it from anywhere), each part of a composite id (``BASE+MOTION_ADAPTER``) likewise, anything else
+    (built-in names, hub ids) unchanged."""
+    from vmc_fast.models.registry import COMPOSITE_SEPARATOR, available_models, is_composite
+
     folder = Path(model_id).expanduser()
     if not folder.is_dir():
-        return model_id
-    from vmc_fast.models.registry import available_models
-
+        if not is_composite(model_id):
+            return model_id
+        parts = model_id.split(COMPOSITE_SEPARATOR)  # AnimateDiff's BASE+MOTION_ADAPTER: each part resolved
+        return COMPOSITE_SEPARATOR.join(resolve_model_id(part.strip()) if part.strip() else part for part in parts)
     return model_id if model_id in available_models() else str(folder.resolve())  # built-in names come first
 
 

@@ -41,12 +41,15 @@ def temporal_qkv_parameters(unet: nn.Module, pattern: str = DEFAULT_TRAINABLE_PA
 
 def prepare_for_motion_tuning(unet: nn.Module, pattern: str = DEFAULT_TRAINABLE_PATTERN,
                               master_dtype: torch.dtype = torch.float32) -> SurgeryReport:
-    """Freeze everything, unfreeze the matching parameters in `master_dtype`; VmcError if nothing matches."""
+    """Freeze everything, unfreeze the parameters whose names match `pattern` (a backbone's own is
+    `Backbone.trainable_pattern`) in `master_dtype`; VmcError naming --trainable if nothing matches."""
     unet.requires_grad_(False)
     trainable = temporal_qkv_parameters(unet, pattern)
     if not trainable:
-        raise VmcError(f"no parameter name matches the trainable pattern {pattern!r}; the default "
-                       f"{DEFAULT_TRAINABLE_PATTERN!r} expects temporal attention layers named temp_attentions.*")
+        example = next((name for name, _ in unet.named_parameters() if ".to_q." in name), None)
+        hint = f" (its attention layers are named like {example})" if example else ""
+        raise VmcError(f"--trainable {pattern!r}: no parameter name matches it in this {type(unet).__name__}{hint}; "
+                       f"leave --trainable unset to tune the model's own temporal attention Q/K/V")
     for _, param in trainable:
         param.data = param.data.to(master_dtype)
         param.requires_grad_(True)
