@@ -419,6 +419,42 @@ GENERATE_SAMPLING_DEFAULTS = {"frame_stride": 1, "resize": "crop", "start_frame"
 """`vmc-fast generate --video` sampling without the option and without an adapter that records it."""
 
 
+# ------------------------------------------------------------------------------------------------ exporting
+
+EXPORT_FORMATS = ("diffusers", "peft", "comfyui")
+"""`vmc-fast export --format` choices (`vmc_fast.tuning.export`)."""
+
+
+@dataclass
+class ExportConfig:
+    """One `vmc-fast export` run: a motion adapter as a LoRA that another library loads."""
+
+    adapter: str = field(default="", metadata=option("ADAPTER"))
+    """Motion adapter from `vmc-fast train` (.safetensors)."""
+    format: str = ""
+    """diffusers: AnimateDiff, for AnimateDiffPipeline.load_lora_weights(DIR) | peft: any model, for PEFT's
+    PeftModel.from_pretrained / set_peft_model_state_dict (ModelScope, ZeroScope, Show-1) | comfyui: AnimateDiff,
+    a motion LoRA for ComfyUI-AnimateDiff-Evolved."""
+    out_dir: str = field(default="", metadata=option("--out"))
+    """Folder to write into (created; files of the same names are replaced)."""
+    rank: int = 64
+    """LoRA rank of a full adapter: the truncated SVD of its change from the base, whose relative error is printed
+    and recorded (rank at least the layers' size: exact)."""
+    model_id: str | None = field(default=None, metadata=option("--model"))
+    """Base model the adapter was tuned on (its change is measured against it); default: the one it records."""
+
+    def __post_init__(self) -> None:
+        check_field(bool(self.adapter.strip()), "ADAPTER", "name the adapter file to export")
+        check_field(Path(self.adapter).expanduser().is_file(), "ADAPTER", f"no such file: {self.adapter}")
+        check_field(self.format in EXPORT_FORMATS, "--format", f"must be one of {', '.join(EXPORT_FORMATS)}")
+        check_field(bool(self.out_dir.strip()), "--out", "name the folder to write into")
+        check_field(not Path(self.out_dir).expanduser().is_file(), "--out", f"{self.out_dir} is a file, not a folder")
+        check_field(1 <= self.rank <= 65536, "--rank", "must be between 1 and 65536")
+        check_field(self.model_id is None or bool(self.model_id.strip()), "--model", "must not be empty")
+        if self.model_id is not None:
+            self.model_id = resolve_model_id(self.model_id)
+
+
 # ------------------------------------------------------------------------------------------------ options
 
 
