@@ -162,7 +162,9 @@ Examples:\n
   # a library: one adapter per video, 4 GPUs, resumable\n
   vmc-fast train --videos clips/ --gpus 4 --out library/\n
   # captions in clips/NAME.txt made motion-only\n
-  vmc-fast train --videos clips/ --derive-prompt
+  vmc-fast train --videos clips/ --derive-prompt\n
+  # AnimateDiff: a Stable Diffusion 1.5 base + a motion adapter (its motion modules' attention Q/K/V are tuned)\n
+  vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --model stable-diffusion-v1-5/stable-diffusion-v1-5+guoyww/animatediff-motion-adapter-v1-5-2 --height 256 --width 256
 """
 
 
