@@ -17,7 +17,7 @@ from vmc_fast.models import load_backbone
 from vmc_fast.models.animatediff import MOTION_QKV_PATTERN, save_tiny_pretrained, tiny_parts
 from vmc_fast.models.registry import TEMPORAL_QKV_PATTERN, model_spec
 from vmc_fast.tuning.adapters import read_adapter
-from vmc_fast.tuning.surgery import prepare_for_motion_tuning
+from vmc_fast.tuning.surgery import prepare_for_motion_tuning, temporal_qkv_parameters
 
 TINY = "animatediff-tiny-random"
 MOTION_QKV = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.motion_modules\.\d+\.transformer_blocks\.\d+"
@@ -53,6 +53,8 @@ def test_the_builtin_is_a_motion_unet_that_tunes_only_motion_attention_qkv(tiny)
     motion = [n for n, _ in unet.named_parameters() if MOTION_QKV.match(n)]
     # 7 motion modules (2 down, 1 mid, 4 up) x attn1/attn2 x q/k/v
     assert trainable == motion and len(trainable) == report.num_tensors == 42
+    # Without a pattern, surgery finds the family's own from the names.
+    assert [n for n, _ in temporal_qkv_parameters(load_backbone(TINY).unet)] == trainable
     # The names are the motion adapter's own: an adapter also applies to a MotionAdapter checkpoint.
     adapter_names = {n for n, _ in tiny_parts()[1].named_parameters()}
     assert set(trainable) <= adapter_names
