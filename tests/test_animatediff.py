@@ -133,6 +133,7 @@ def test_a_base_and_a_motion_adapter_load_as_the_builtin(tiny, saved_parts, monk
     ("{adapter}+{adapter}", "has no unet/config.json"),
     ("{base}+{adapter}+{adapter}", "two hub ids or local folders"),
     ("{base}+", "two hub ids or local folders"),
+    ("{base}+./no_such_folder", "'./no_such_folder' is neither a local folder nor a hub id"),
 ])
 def test_a_wrong_pair_is_refused_before_loading_weights(saved_parts, parts, message):
     base, adapter = saved_parts

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -129,10 +130,16 @@ def _noise_scheduler(config: dict):
 def split_pair(model_id: str) -> tuple[str, str]:
     """(base, motion adapter) of ``BASE+MOTION_ADAPTER``; VmcError naming --model unless exactly two parts."""
     parts = [part.strip() for part in model_id.split(COMPOSITE_SEPARATOR)]
+    example = (f"e.g. stable-diffusion-v1-5/stable-diffusion-v1-5{COMPOSITE_SEPARATOR}"
+               f"guoyww/animatediff-motion-adapter-v1-5-2")
     if len(parts) != 2 or not all(parts):
         raise VmcError(f"--model {model_id!r}: an AnimateDiff model is BASE{COMPOSITE_SEPARATOR}MOTION_ADAPTER, two "
-                       f"hub ids or local folders, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5"
-                       f"{COMPOSITE_SEPARATOR}guoyww/animatediff-motion-adapter-v1-5-2")
+                       f"hub ids or local folders, {example}")
+    for part in parts:
+        hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", part) and not part.startswith((".", "~"))
+        if not Path(part).expanduser().is_dir() and not hub_id:
+            raise VmcError(f"--model {model_id!r}: {part!r} is neither a local folder nor a hub id (org/name); "
+                           f"name the Stable Diffusion base and the motion adapter, {example}")
     return parts[0], parts[1]
 
 
