@@ -240,3 +240,18 @@ def test_generate_inverts_a_clip_with_an_adapter_and_writes_a_video(library, tmp
                               output=None, cache_dir=str(runs / "cache"))
     with pytest.raises(ValueError, match="--frames 33"):
         generate(too_long)
+
+
+def test_checkpointing_tunes_the_same_adapter(tmp_path, square_video):
+    from vmc_fast.tuning.session import TuningSession
+
+    tensors = []
+    for checkpointing in (False, True):
+        session = TuningSession(_run_config(square_video, tmp_path / str(checkpointing),
+                                            gradient_checkpointing=checkpointing))
+        assert session.backbone.unet.is_gradient_checkpointing == checkpointing
+        states = session.prompt_embeddings(["a square"])["a square"]
+        done = session.tune_video(square_video, "a square", states, tmp_path / f"{checkpointing}.safetensors")
+        tensors.append(read_adapter(done.adapter)[0])
+    for name in tensors[0]:
+        torch.testing.assert_close(tensors[1][name], tensors[0][name], rtol=0, atol=1e-6)
