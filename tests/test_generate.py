@@ -70,7 +70,7 @@ def _write_adapter(path, backbone, scale: float = 0.5, fingerprint: str | None =
 # ---------------------------------------------------------------------------------------------- schedules
 
 
-@pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
+@pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random", "animatediff-tiny-random"])
 def test_schedulers_use_the_models_own_schedule(model_id):
     backbone = load_backbone(model_id)
     config = backbone.noise_scheduler.config

@@ -28,7 +28,7 @@ def _examples() -> list[tuple[str, list[str]]]:
 
 def test_every_command_with_options_shows_examples():
     names = {name for name, _ in _examples()}
-    assert {"train", "generate", "bench", "demo", "eval", "toy-pretrain"} <= names
+    assert {"train", "generate", "export", "bench", "demo", "eval", "toy-pretrain"} <= names
 
 
 @pytest.mark.parametrize("name, args", _examples(), ids=lambda value: " ".join(value) if isinstance(value, list)

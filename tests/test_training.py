@@ -38,7 +38,7 @@ def test_surgery_without_a_match_fails_clearly():
         prepare_for_motion_tuning(load_backbone("tiny-random").unet, pattern=r"does_not_exist")
 
 
-@pytest.mark.parametrize("model", ["tiny-random", "show1-tiny-random"])
+@pytest.mark.parametrize("model", ["tiny-random", "show1-tiny-random", "animatediff-tiny-random"])
 def test_only_qkv_change_and_frozen_weights_stay_bit_identical(square_video, tmp_path, model):
     session = TuningSession(_cfg(square_video, tmp_path, model=model, learning_rate=1e-3))
     before = {n: p.detach().clone() for n, p in session.backbone.unet.named_parameters()}
@@ -51,7 +51,7 @@ def test_only_qkv_change_and_frozen_weights_stay_bit_identical(square_video, tmp
         assert param.dtype == torch.float32
 
 
-@pytest.mark.parametrize("model", ["tiny-random", "show1-tiny-random"])
+@pytest.mark.parametrize("model", ["tiny-random", "show1-tiny-random", "animatediff-tiny-random"])
 def test_loss_falls_on_a_fixed_clip(square_video, tmp_path, model):
     session = TuningSession(_cfg(square_video, tmp_path, model=model, steps=25, learning_rate=2e-3))
     prompt = "a square moving right"

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vmc_fast.config import GenerateConfig, Option, RunConfig, from_options, options
+from vmc_fast.config import ExportConfig, GenerateConfig, Option, RunConfig, from_options, options
 from vmc_fast.errors import VmcError
 
 app = typer.Typer(
@@ -106,8 +106,9 @@ def _name_values(flag: str) -> Callable[[list[str]], dict[str, str]]:
 
 def config_command(name: str, cls: type, run: Callable[..., None], *, epilog: str = "", help: str = "",
                    required: tuple[str, ...] = (), extra: tuple[inspect.Parameter, ...] = ()) -> None:
-    """Register command `name`: the options of dataclass `cls` (plus `extra` parameters); on call, the config is
-    built and passed to run(cfg, console, **extra values). A ValueError or VmcError ends in one red line, exit 2.
+    """Register command `name`: the options of dataclass `cls` (plus `extra` parameters; a field whose option name
+    has no dashes, e.g. ``option("ADAPTER")``, is a positional argument); on call, the config is built and passed
+    to run(cfg, console, **extra values). A ValueError or VmcError ends in one red line, exit 2.
     """
     fields = options(cls)
     parsers, params = {}, []
@@ -116,9 +117,13 @@ def config_command(name: str, cls: type, run: Callable[..., None], *, epilog: st
         annotation, default, parsers[key] = _cli_type(field_option)
         panel = field_option.path[0].title() if len(field_option.path) > 1 else None
         default = ... if field_option.path[-1] in required else default
+        if field_option.flag.startswith("-"):
+            parameter = typer.Option(default, field_option.flag, help=field_option.help, rich_help_panel=panel,
+                                     show_default=default != "")
+        else:  # a name without dashes (``ADAPTER``) is a positional argument
+            parameter = typer.Argument(default, help=field_option.help, show_default=False)
         params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=typer.Option(default, field_option.flag, help=field_option.help,
-                                                             rich_help_panel=panel, show_default=default != "")))
+                                        default=parameter))
     by_key = {"_".join(f.path): f.path for f in fields}
 
     def command(**kwargs) -> None:
@@ -157,7 +162,9 @@ Examples:\n
   # a library: one adapter per video, 4 GPUs, resumable\n
   vmc-fast train --videos clips/ --gpus 4 --out library/\n
   # captions in clips/NAME.txt made motion-only\n
-  vmc-fast train --videos clips/ --derive-prompt
+  vmc-fast train --videos clips/ --derive-prompt\n
+  # AnimateDiff: a Stable Diffusion 1.5 base + a motion adapter (its motion modules' attention Q/K/V are tuned)\n
+  vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --model stable-diffusion-v1-5/stable-diffusion-v1-5+guoyww/animatediff-motion-adapter-v1-5-2 --height 256 --width 256
 """
 
 
@@ -261,6 +268,36 @@ def _generate(cfg: GenerateConfig, console: Console) -> None:
 config_command("generate", GenerateConfig, _generate, epilog=GENERATE_EXAMPLES, required=("prompt",),
                help="Generate a video with a motion adapter: DDIM inversion, guided sampling with the tuned UNet, "
                     "then (Show-1) the frozen interpolation and super-resolution stages.")
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+EXPORT_EXAMPLES = """
+Examples:\n
+  # an AnimateDiff adapter for diffusers: AnimateDiffPipeline.load_lora_weights("bird-lora")\n
+  vmc-fast export vmc-out/adapters/bird.safetensors --format diffusers --out bird-lora\n
+  # the same for ComfyUI (copy the .safetensors to ComfyUI/models/animatediff_motion_lora/)\n
+  vmc-fast export vmc-out/adapters/bird.safetensors --format comfyui --out comfy-loras\n
+  # a ZeroScope or Show-1 adapter for PEFT, rank 128\n
+  vmc-fast export vmc-out/adapters/bird.safetensors --format peft --rank 128 --out bird-peft
+"""
+
+
+def _export(cfg: ExportConfig, console: Console) -> None:
+    from vmc_fast.tuning.export import export_adapter
+
+    try:
+        with _interruptible("files written so far are whole; rerun to write the rest"):
+            result = export_adapter(cfg)
+    except (VmcError, ValueError) as exc:
+        _fail(str(exc), console)
+    console.print(f"[green]wrote[/] {escape(', '.join(str(f) for f in result.files))}", soft_wrap=True)
+    console.print(escape(result.summary()), soft_wrap=True, highlight=False)
+
+
+config_command("export", ExportConfig, _export, epilog=EXPORT_EXAMPLES, required=("adapter", "format", "out_dir"),
+               help="Write a motion adapter as a LoRA for diffusers (AnimateDiff), PEFT (any model) or ComfyUI "
+                    "(AnimateDiff); a full adapter becomes the truncated SVD of its change at --rank.")
 
 
 # ------------------------------------------------------------------------------------------------ studies

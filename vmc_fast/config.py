@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vmc_fast.models.attention import BACKENDS
+from vmc_fast.models.registry import TEMPORAL_QKV_PATTERN
 
 LOSS_KINDS = ("cos", "l2", "cos-frames-abs", "eps-mse")
 """Kinds of `vmc_fast.losses.motion_distillation_loss` (docs/design.md section 1)."""
@@ -30,8 +31,9 @@ COMPILE_MODES = ("regional", "full", "off")
 """``regional``: each down/mid/up block separately; ``full``: the whole forward; ``off``: eager."""
 STORAGE_DTYPES = ("fp32", "bf16", "int8")
 """How frozen weights can be stored (`vmc_fast.tuning.precision`)."""
-DEFAULT_TRAINABLE_PATTERN = r"temp_attentions\..*\.to_[qkv]\.weight$"
-"""Names of the tuned tensors: the temporal attention Q/K/V projections (`vmc_fast.tuning.surgery`)."""
+DEFAULT_TRAINABLE_PATTERN = TEMPORAL_QKV_PATTERN
+"""Names of the tuned tensors of Show-1 and UNet3D: the temporal attention Q/K/V projections
+(`vmc_fast.tuning.surgery`); each backbone says its own (`Backbone.trainable_pattern`)."""
 RESIZE_MODES = ("crop", "squash")
 BACKGROUND_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
 """Named colours of --background; #RRGGBB is accepted too."""
@@ -154,8 +156,9 @@ class ModelConfig:
 
     model_id: str = field(default="tiny-random", metadata=option("--model"))
     """Built-in name, hub id or local folder."""
-    trainable_pattern: str = field(default=DEFAULT_TRAINABLE_PATTERN, metadata=option("--trainable"))
-    """Regex of the tuned parameter names (default: temporal attention Q/K/V)."""
+    trainable_pattern: str | None = field(default=None, metadata=option("--trainable"))
+    """Regex of the tuned parameter names; default: the model's temporal attention Q/K/V (temp_attentions.* in
+    Show-1 and UNet3D, motion_modules.* in AnimateDiff)."""
     gradient_checkpointing: bool = field(default=False, metadata=option("--checkpointing"))
     """Gradient checkpointing: recompute activations in backward (less memory, about a third more compute)."""
     frozen_dtype: str = "auto"
@@ -175,7 +178,7 @@ class ModelConfig:
                     f"must be one of {', '.join(ATTENTION_BACKENDS)}")
         check_field(self.compile in COMPILE_MODES, "--compile", f"must be one of {', '.join(COMPILE_MODES)}")
         try:
-            re.compile(self.trainable_pattern)
+            re.compile(self.trainable_pattern or "")
         except re.error as exc:
             raise ValueError(f"--trainable: {self.trainable_pattern!r} is not a valid regex ({exc})") from exc
 
@@ -392,12 +395,16 @@ class GenerateConfig(FrameOptions):
 
 def resolve_model_id(model_id: str) -> str:
     """A model id as recorded: an existing local folder as its absolute path (so that adapters and run records
-    name it from anywhere), anything else (built-in names, hub ids) unchanged."""
+    name it from anywhere), each part of a composite id (``BASE+MOTION_ADAPTER``) likewise, anything else
+    (built-in names, hub ids) unchanged."""
+    from vmc_fast.models.registry import COMPOSITE_SEPARATOR, available_models, is_composite
+
     folder = Path(model_id).expanduser()
     if not folder.is_dir():
-        return model_id
-    from vmc_fast.models.registry import available_models
-
+        if not is_composite(model_id):
+            return model_id
+        parts = model_id.split(COMPOSITE_SEPARATOR)  # AnimateDiff's BASE+MOTION_ADAPTER: each part resolved
+        return COMPOSITE_SEPARATOR.join(resolve_model_id(part.strip()) if part.strip() else part for part in parts)
     return model_id if model_id in available_models() else str(folder.resolve())  # built-in names come first
 
 
@@ -410,6 +417,42 @@ def normalized_prompt(text: str) -> str:
 
 GENERATE_SAMPLING_DEFAULTS = {"frame_stride": 1, "resize": "crop", "start_frame": 0, "reverse": False}
 """`vmc-fast generate --video` sampling without the option and without an adapter that records it."""
+
+
+# ------------------------------------------------------------------------------------------------ exporting
+
+EXPORT_FORMATS = ("diffusers", "peft", "comfyui")
+"""`vmc-fast export --format` choices (`vmc_fast.tuning.export`)."""
+
+
+@dataclass
+class ExportConfig:
+    """One `vmc-fast export` run: a motion adapter as a LoRA that another library loads."""
+
+    adapter: str = field(default="", metadata=option("ADAPTER"))
+    """Motion adapter from `vmc-fast train` (.safetensors)."""
+    format: str = ""
+    """diffusers: AnimateDiff, for AnimateDiffPipeline.load_lora_weights(DIR) | peft: any model, for PEFT's
+    PeftModel.from_pretrained / set_peft_model_state_dict (ModelScope, ZeroScope, Show-1) | comfyui: AnimateDiff,
+    a motion LoRA for ComfyUI-AnimateDiff-Evolved."""
+    out_dir: str = field(default="", metadata=option("--out"))
+    """Folder to write into (created; files of the same names are replaced)."""
+    rank: int = 64
+    """LoRA rank of a full adapter: the truncated SVD of its change from the base, whose relative error is printed
+    and recorded (rank at least the layers' size: exact)."""
+    model_id: str | None = field(default=None, metadata=option("--model"))
+    """Base model the adapter was tuned on (its change is measured against it); default: the one it records."""
+
+    def __post_init__(self) -> None:
+        check_field(bool(self.adapter.strip()), "ADAPTER", "name the adapter file to export")
+        check_field(Path(self.adapter).expanduser().is_file(), "ADAPTER", f"no such file: {self.adapter}")
+        check_field(self.format in EXPORT_FORMATS, "--format", f"must be one of {', '.join(EXPORT_FORMATS)}")
+        check_field(bool(self.out_dir.strip()), "--out", "name the folder to write into")
+        check_field(not Path(self.out_dir).expanduser().is_file(), "--out", f"{self.out_dir} is a file, not a folder")
+        check_field(1 <= self.rank <= 65536, "--rank", "must be between 1 and 65536")
+        check_field(self.model_id is None or bool(self.model_id.strip()), "--model", "must not be empty")
+        if self.model_id is not None:
+            self.model_id = resolve_model_id(self.model_id)
 
 
 # ------------------------------------------------------------------------------------------------ options

@@ -38,12 +38,19 @@ def inversion_scheduler(scheduler_config: Mapping[str, Any], num_steps: int):
     the deterministic DDIM trajectory that sampling walks back along, and x_T loses what it needs to return to
     the input. Sampling keeps them, where they only touch x_0 estimates that already lie in range for an
     in-distribution x_T.
+
+    The timesteps are `sampling_scheduler`'s, reversed, whatever the config's ``timestep_spacing``: for
+    ``leading`` and ``trailing`` that is what DDIMInverseScheduler computes itself; ``linspace`` (AnimateDiff's)
+    it refuses, so it is built with ``leading`` (the same step size) and given sampling's timesteps.
     """
     from diffusers import DDIMInverseScheduler
 
     config = {**_known_keys(DDIMInverseScheduler, scheduler_config), "clip_sample": False}
+    if config.get("timestep_spacing", "leading") not in ("leading", "trailing"):
+        config["timestep_spacing"] = "leading"
     scheduler = DDIMInverseScheduler.from_config(config)
     scheduler.set_timesteps(num_steps)
+    scheduler.timesteps = sampling_scheduler(scheduler_config, num_steps).timesteps.flip(0)
     return scheduler
 
 

@@ -202,7 +202,8 @@ def _apply_adapter(backbone, adapter: str | None):
 
 def _size(cfg: GenerateConfig, backbone, info) -> tuple[int, int, int]:
     """(num_frames, height, width) in pixels: the config's, else the adapter's, else the model's. ValueError
-    naming --height/--width when the model cannot take that size (`ModelSpec.size_problem`)."""
+    naming --height/--width/--frames when the model cannot take that size (`ModelSpec.size_problem`,
+    `ModelSpec.frames_problem`)."""
     from vmc_fast.models.registry import model_spec
 
     def pick(name: str) -> int:
@@ -213,10 +214,10 @@ def _size(cfg: GenerateConfig, backbone, info) -> tuple[int, int, int]:
 
     size = pick("num_frames"), pick("height"), pick("width")
     spec = model_spec(cfg.model_id)
-    for option, value in (("--height", size[1]), ("--width", size[2])):
-        problem = spec.size_problem(option, value)
-        if problem:
-            raise ValueError(problem)
+    problems = [spec.size_problem(option, value) for option, value in (("--height", size[1]), ("--width", size[2]))]
+    problems.append(spec.frames_problem("--frames", size[0]))
+    if any(problems):
+        raise ValueError(next(p for p in problems if p))
     return size
 
 

@@ -8,7 +8,8 @@ backends here, so swapping them never touches model code:
 - ``triton``: our temporal kernel `vmc_fast.kernels.temporal_attention` (few frames, huge batch of pixels).
 - ``math``: plain PyTorch, the reference for tests.
 
-`set_temporal_attention_backend` points the temporal attention of a Show-1 or diffusers UNet3D at one of them.
+`set_temporal_attention_backend` points the temporal attention of a Show-1, diffusers UNet3D or AnimateDiff UNet at
+one of them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ Their CUDA kernels put the batch (and heads) on grid axes limited to 65,535 bloc
 configuration argument" from 65,536 on (pytorch#142228, xformers#845). Temporal attention hits it easily: the
 batch is every pixel of every video. Tests lower it to exercise the chunked path cheaply."""
 
-_TEMPORAL_NAME = re.compile(r"(^|\.)temp_attentions\.")
+_TEMPORAL_NAME = re.compile(r"(^|\.)(temp_attentions|motion_modules)\.")  # UNet3D, AnimateDiff
 _xformers_ops = None  # xformers.ops once imported successfully
 
 
@@ -126,8 +127,8 @@ def set_temporal_attention_backend(unet: nn.Module, backend: str) -> int:
     """Route every temporal attention layer of `unet` through `attention(backend=...)`; returns how many.
 
     Show-1 `TemporalSelfAttention` modules get their ``backend`` attribute set; the diffusers `Attention` modules
-    under ``temp_attentions.*`` of a `UNet3DConditionModel` get a `TemporalAttnProcessor` (spatial attention and
-    ``transformer_in`` keep their processors). Nothing is rebuilt: parameter names and the module tree stay.
+    under ``temp_attentions.*`` of a `UNet3DConditionModel` and ``motion_modules.*`` of a `UNetMotionModel` get a
+    `TemporalAttnProcessor` (spatial attention and ``transformer_in`` keep their processors). Nothing is rebuilt: parameter names and the module tree stay.
     ValueError for an unknown backend, VmcError when the backend cannot run here (missing package, no CUDA).
     """
     check_backend(backend, unet)
@@ -142,7 +143,7 @@ def set_temporal_attention_backend(unet: nn.Module, backend: str) -> int:
             num_switched += 1
     if num_switched == 0:
         warnings.warn(f"--attention {backend}: {type(unet).__name__} has no temporal attention layer "
-                      f"(temp_attentions.*); the option is ignored", stacklevel=2)
+                      f"(temp_attentions.*, motion_modules.*); the option is ignored", stacklevel=2)
     return num_switched
 
 

@@ -20,6 +20,10 @@ from torch import nn
 
 from vmc_fast.errors import VmcError
 
+TEMPORAL_QKV_PATTERN = r"temp_attentions\..*\.to_[qkv]\.weight$"
+"""The tuned tensors of Show-1 and diffusers UNet3D: the temporal attention Q/K/V projections
+(``{down_blocks.i,mid_block,up_blocks.i}.temp_attentions.j.transformer_blocks.0.attn{1,2}.to_{q,k,v}.weight``)."""
+
 
 class PromptEncoder(Protocol):
     """Turns prompts into the text states the UNet expects: list of B strings -> (B, L, D) float tensor."""
@@ -59,6 +63,9 @@ class Backbone:
     """Frozen stages `generate` runs after the keyframes (a `vmc_fast.models.show1.stages.Show1Cascade`); None: single-stage."""
     benchmark_only: bool = False
     """True for random-weight builds of a real architecture: fine for speed/memory, meaningless outputs."""
+    trainable_pattern: str = TEMPORAL_QKV_PATTERN
+    """Regex (`re.search`) of the parameter names VMC tunes in this UNet: its temporal attention Q/K/V; what
+    ``--trainable`` defaults to."""
 
     @property
     def in_channels(self) -> int:
@@ -118,6 +125,17 @@ class ModelSpec:
     """Pixels per latent along a side (2**(VAE levels - 1)); 1 for pixel-space models."""
     unet_levels: int = 1
     """Resolution levels of the UNet (len(block_out_channels)); each but the last halves the size."""
+    trainable_pattern: str = TEMPORAL_QKV_PATTERN
+    """Regex of the tuned parameter names (as `Backbone.trainable_pattern`)."""
+    max_frames: int | None = None
+    """Most frames per clip the model can take (AnimateDiff: its motion modules' position table); None: any."""
+
+    def frames_problem(self, option: str, value: int) -> str | None:
+        """None when `value` frames fit the model, else the message naming `option` and the limit."""
+        if self.max_frames is None or value <= self.max_frames:
+            return None
+        return (f"{option} {value}: {self.model_id_resolved} takes at most {self.max_frames} frames per clip "
+                f"(its temporal position table); use --frames {self.max_frames} or fewer")
 
     def size_problem(self, option: str, value: int) -> str | None:
         """None when `value` pixels is a valid frame size along one side, else the message naming `option`,
@@ -134,7 +152,8 @@ class ModelSpec:
 
 def spec_from_configs(model_id: str, family: str, unet_config: dict, vae_config: dict | None,
                       scheduler_config: dict | None, *, num_frames: int, height: int | None = None,
-                      width: int | None = None) -> ModelSpec:
+                      width: int | None = None, trainable_pattern: str = TEMPORAL_QKV_PATTERN,
+                      max_frames: int | None = None) -> ModelSpec:
     """The spec of a model from its parsed ``unet/config.json``, ``vae/config.json`` (None: pixel space) and
     ``scheduler/scheduler_config.json`` (None: 1000 timesteps, diffusers' default).
 
@@ -147,7 +166,7 @@ def spec_from_configs(model_id: str, family: str, unet_config: dict, vae_config:
         model_id_resolved=model_id, family=family, num_frames=num_frames, height=height or sample,
         width=width or sample, pixel_multiple=vae_factor * 2 ** (unet_levels - 1),
         num_train_timesteps=int((scheduler_config or {}).get("num_train_timesteps", 1000)),
-        vae_factor=vae_factor, unet_levels=unet_levels,
+        vae_factor=vae_factor, unet_levels=unet_levels, trainable_pattern=trainable_pattern, max_frames=max_frames,
     )
 
 
@@ -158,6 +177,14 @@ FolderSpec = Callable[[str, dict], ModelSpec]
 """(model id, parsed unet/config.json) -> the spec, reading other config files with `read_config_file`."""
 
 
+CompositeLoader = Callable[[str, LoadOptions], Backbone]
+CompositeSpec = Callable[[str], ModelSpec]
+"""(the whole composite id, its parts already resolved) -> the spec, from config files only."""
+COMPOSITE_SEPARATOR = "+"
+"""Joins the parts of a composite model id, e.g. AnimateDiff's ``BASE+MOTION_ADAPTER`` (hub ids never hold it;
+an existing local folder whose name does is still a folder)."""
+
+
 @dataclass
 class _Family:
     name: str
@@ -166,9 +193,17 @@ class _Family:
     spec: FolderSpec | None = None
 
 
+@dataclass
+class _Composite:
+    name: str
+    load: CompositeLoader
+    spec: CompositeSpec
+
+
 _BUILTINS: dict[str, tuple[BuiltinLoader, str]] = {}
 _BUILTIN_SPECS: dict[str, BuiltinSpec] = {}
 _FAMILIES: list[_Family] = []
+_COMPOSITE: list[_Composite] = []  # at most one: the separator says nothing about the family
 
 
 def register(name: str, loader: BuiltinLoader, description: str, spec: BuiltinSpec | None = None) -> None:
@@ -186,6 +221,26 @@ def register_family(name: str, detect: Callable[[dict], bool], loader: FolderLoa
     _FAMILIES.append(_Family(name, detect, loader, spec))
 
 
+def register_composite(name: str, loader: CompositeLoader, spec: CompositeSpec) -> None:
+    """Register the family of composite model ids, parts joined by COMPOSITE_SEPARATOR (AnimateDiff:
+    ``BASE+MOTION_ADAPTER``, each part a hub id or local folder); `loader` and `spec` receive the whole id."""
+    if _COMPOSITE and _COMPOSITE[0].name != name:
+        raise ValueError(f"composite ids already belong to {_COMPOSITE[0].name}; {name} cannot register them")
+    _COMPOSITE[:] = [_Composite(name, loader, spec)]
+
+
+def is_composite(model_id: str) -> bool:
+    """True for a composite id (``A+B``); built-in names and existing local folders never are."""
+    if COMPOSITE_SEPARATOR not in model_id or Path(model_id).expanduser().is_dir():
+        return False
+    _import_backbones()
+    return model_id not in _BUILTINS and bool(_COMPOSITE)
+
+
+def _composite_of(model_id: str) -> _Composite | None:
+    return _COMPOSITE[0] if is_composite(model_id) else None
+
+
 def available_models() -> dict[str, str]:
     """Built-in model ids and their descriptions."""
     _import_backbones()
@@ -198,6 +253,9 @@ def load_backbone(model_id: str, options: LoadOptions | None = None) -> Backbone
     options = options or LoadOptions()
     if model_id in _BUILTINS:
         return _BUILTINS[model_id][0](options)
+    composite = _composite_of(model_id)
+    if composite is not None:
+        return composite.load(model_id, options)
     unet_config = read_unet_config(model_id)
     return _family_of(model_id, unet_config).load(model_id, unet_config, options)
 
@@ -213,6 +271,9 @@ def model_spec(model_id: str) -> ModelSpec:
         if model_id not in _BUILTIN_SPECS:
             raise VmcError(f"model {model_id!r}: registered without a spec; pass spec= to register()")
         return _BUILTIN_SPECS[model_id]()
+    composite = _composite_of(model_id)
+    if composite is not None:
+        return composite.spec(model_id)
     unet_config = read_unet_config(model_id)
     family = _family_of(model_id, unet_config)
     if family.spec is None:
@@ -228,7 +289,8 @@ def _family_of(model_id: str, unet_config: dict) -> _Family:
             return family
     raise VmcError(
         f"model {model_id!r}: unet/config.json describes {unet_config.get('_class_name')!r}, which no backbone "
-        f"supports; supported: diffusers UNet3DConditionModel (ModelScope/ZeroScope layout) and Show-1"
+        f"supports; supported: diffusers UNet3DConditionModel (ModelScope/ZeroScope layout), Show-1, and "
+        f"AnimateDiff (a saved AnimateDiffPipeline, or BASE+MOTION_ADAPTER)"
     )
 
 
@@ -289,7 +351,8 @@ def _looks_like_hub_id(model_id: str) -> bool:
     return len(parts) == 2 and all(parts) and not model_id.startswith((".", "/", "~"))
 
 
-BACKBONE_MODULES = ("vmc_fast.models.diffusers_unet3d", "vmc_fast.models.show1.backbones", "vmc_fast.toy.model")
+BACKBONE_MODULES = ("vmc_fast.models.diffusers_unet3d", "vmc_fast.models.show1.backbones",
+                    "vmc_fast.models.animatediff", "vmc_fast.toy.model")
 """Modules that register backbones when imported. Named, not imported here: they import this module (and
 diffusers), and the toy model belongs to the harness, which the product never imports."""
 

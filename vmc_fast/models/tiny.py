@@ -1,7 +1,8 @@
 """Tiny models and tokenizers built in code, for tests and smoke runs: no download, seeded, identical every time.
 
-The one place for them: the built-in ``tiny-random`` (diffusers UNet3D) and ``show1-tiny-random`` backbones, the
-tiny stages of Show-1's cascade, and the toy model's tokenizer are all built from the pieces here.
+The one place for them: the built-in ``tiny-random`` (diffusers UNet3D), ``animatediff-tiny-random`` and
+``show1-tiny-random`` backbones, the tiny stages of Show-1's cascade, and the toy model's tokenizer are all built
+from the pieces here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ VAE_CONFIG = dict(
     sample_size=32,
 )
 """diffusers AutoencoderKL kwargs of tiny-random: 2x spatial downsampling, 4 latent channels."""
+ANIMATEDIFF_SEED = 20241201
+"""Seed of the animatediff-tiny-random SD UNet, motion adapter and VAE (its CLIP text encoder uses the next one)."""
+SD_UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+)
+"""diffusers UNet2DConditionModel kwargs of animatediff-tiny-random's Stable Diffusion part (its VAE: VAE_CONFIG)."""
+MOTION_ADAPTER_CONFIG = dict(
+    block_out_channels=(32, 64),
+    motion_layers_per_block=1,
+    motion_num_attention_heads=4,
+    motion_norm_num_groups=8,
+    motion_max_seq_length=32,
+    use_motion_mid_block=True,
+)
+"""diffusers MotionAdapter kwargs of animatediff-tiny-random: one motion module per block, a mid-block one (as in
+AnimateDiff v2 and v1-5-2), up to 32 frames."""
 CLIP_TEXT_CONFIG = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
 )
@@ -111,7 +137,8 @@ def clip_tokenizer():
 
     symbols = [chr(b) if 33 <= b <= 126 else chr(256 + b) for b in range(256)]
     vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[])
+    # 77 as CLIP's own: diffusers pipelines pad to model_max_length (they overflow on the default, about 1e30)
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=[], model_max_length=PROMPT_LENGTH)
 
 
 def clip_text_encoder(tokenizer, seed: int = DIFFUSERS_SEED + 1) -> nn.Module:

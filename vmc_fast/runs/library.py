@@ -282,7 +282,8 @@ def _recorded_name(entry: dict) -> str | None:
 
 def check_against_model(cfg: RunConfig, spec: ModelSpec) -> None:
     """ValueError naming the option when a setting does not fit the model: the loss stride against the number
-    of frames, the timestep range against the schedule, the frame size against what the model can divide."""
+    of frames, the timestep range against the schedule, the frame size against what the model can divide, the
+    number of frames against what it can take."""
     num_frames, height, width = frame_size(cfg, spec)
     stride = cfg.train.loss_stride
     frames = "--frames" if cfg.data.num_frames else f"--frames (now the model's default, {num_frames})"
@@ -297,6 +298,9 @@ def check_against_model(cfg: RunConfig, spec: ModelSpec) -> None:
         problem = spec.size_problem(option if given else f"{option} (the model's default)", value)
         if problem:
             raise ValueError(problem)
+    problem = spec.frames_problem("--frames", num_frames)
+    if problem:
+        raise ValueError(problem)
 
 
 def frame_size(cfg: RunConfig, spec: ModelSpec) -> tuple[int, int, int]:
@@ -372,6 +376,7 @@ def request_key(cfg: RunConfig, job: Job, spec: ModelSpec, *, zero_ranks: int | 
     if cfg.model.frozen_dtype == "auto":  # stored in the compute dtype (TuningSession._load)
         key["model.frozen_dtype"] = precision
     key["train.timestep_range"] = list(cfg.train.timestep_range or (0, spec.num_train_timesteps))
+    key["model.trainable_pattern"] = cfg.model.trainable_pattern or spec.trainable_pattern
     key.update({"video": str(job.video), **_file_identity(job.video), "prompt": job.prompt,
                 "model": spec.model_id_resolved, "model.family": spec.family})
     if zero_ranks is not None:

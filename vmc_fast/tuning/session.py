@@ -101,7 +101,8 @@ class TuningSession:
         return apply_frozen_precision(self.backbone.unet, "int8", self.compute_dtype)
 
     def _surgery(self) -> SurgeryReport:
-        return prepare_for_motion_tuning(self.backbone.unet, self.cfg.model.trainable_pattern)
+        return prepare_for_motion_tuning(self.backbone.unet,
+                                         self.cfg.model.trainable_pattern or self.backbone.trainable_pattern)
 
     def _checkpointing(self) -> None:
         if not self.cfg.model.gradient_checkpointing:

@@ -33,20 +33,39 @@ class SurgeryReport:
                 f"({share:.2f}%)")
 
 
-def temporal_qkv_parameters(unet: nn.Module, pattern: str = DEFAULT_TRAINABLE_PATTERN) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs whose name matches `pattern` (default: temporal attention to_q/to_k/to_v)."""
-    regex = re.compile(pattern)
+def default_pattern(unet: nn.Module) -> str:
+    """The temporal attention Q/K/V pattern of `unet`'s family, read from its parameter names: Show-1's and
+    UNet3D's ``temp_attentions.*``, else AnimateDiff's ``motion_modules.*`` (a loaded backbone says its own:
+    `Backbone.trainable_pattern`)."""
+    from vmc_fast.models.animatediff import MOTION_QKV_PATTERN
+
+    names = [name for name, _ in unet.named_parameters()]
+    for pattern in (DEFAULT_TRAINABLE_PATTERN, MOTION_QKV_PATTERN):
+        if any(re.search(pattern, name) for name in names):
+            return pattern
+    return DEFAULT_TRAINABLE_PATTERN
+
+
+def temporal_qkv_parameters(unet: nn.Module, pattern: str | None = None) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs whose name matches `pattern` (default: `default_pattern`, the temporal attention
+    to_q/to_k/to_v of the UNet's family)."""
+    regex = re.compile(pattern or default_pattern(unet))
     return [(name, param) for name, param in unet.named_parameters() if regex.search(name)]
 
 
-def prepare_for_motion_tuning(unet: nn.Module, pattern: str = DEFAULT_TRAINABLE_PATTERN,
+def prepare_for_motion_tuning(unet: nn.Module, pattern: str | None = None,
                               master_dtype: torch.dtype = torch.float32) -> SurgeryReport:
-    """Freeze everything, unfreeze the matching parameters in `master_dtype`; VmcError if nothing matches."""
+    """Freeze everything, unfreeze the parameters whose names match `pattern` (default: `default_pattern`; a
+    backbone's own is `Backbone.trainable_pattern`) in `master_dtype`; VmcError naming --trainable if nothing
+    matches."""
+    pattern = pattern or default_pattern(unet)
     unet.requires_grad_(False)
     trainable = temporal_qkv_parameters(unet, pattern)
     if not trainable:
-        raise VmcError(f"no parameter name matches the trainable pattern {pattern!r}; the default "
-                       f"{DEFAULT_TRAINABLE_PATTERN!r} expects temporal attention layers named temp_attentions.*")
+        example = next((name for name, _ in unet.named_parameters() if ".to_q." in name), None)
+        hint = f" (its attention layers are named like {example})" if example else ""
+        raise VmcError(f"--trainable {pattern!r}: no parameter name matches it in this {type(unet).__name__}{hint}; "
+                       f"leave --trainable unset to tune the model's own temporal attention Q/K/V")
     for _, param in trainable:
         param.data = param.data.to(master_dtype)
         param.requires_grad_(True)
