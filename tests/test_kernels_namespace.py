@@ -1,8 +1,10 @@
 """Our `kernels/` folder must never be importable as a top-level `kernels` package.
 
-Hugging Face publishes a package named `kernels`; diffusers and transformers probe for it (`is_kernels_available()`)
-and then import from it. If our folder shadowed that name they would pick up our code, so pyproject installs it as
-`vmc_fast.kernels` (package-dir) and these tests keep the probes honest.
+Hugging Face publishes a package named `kernels` (transformers 5 requires it); diffusers and transformers probe for
+it (`is_kernels_available()`) and then import from it. If our folder shadowed that name they would pick up our code,
+so pyproject installs it as `vmc_fast.kernels` (package-dir), the folder hands the name over to Hugging Face's
+package when a process started in the repository root reaches it anyway, and these tests keep the probes honest:
+they say True exactly when Hugging Face's distribution is installed.
 
 Each check comes with a positive control, so none can pass because the thing it looks for is absent: the shadow
 detector is shown to fire when the repository root is on sys.path, and the probes are shown to turn True when a
@@ -35,6 +37,21 @@ def _spec_locations(spec) -> list[str]:
     return list(spec.submodule_search_locations or []) + ([spec.origin] if spec.origin else [])
 
 
+def _hf_kernels_installed() -> bool:
+    """Whether a `kernels` distribution other than this repository is installed (transformers 5 depends on one)."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.distribution("kernels").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return not any(_provided_by_this_repo([str(f.locate())]) for f in files)
+
+
+HF_KERNELS = _hf_kernels_installed()
+PROBES_SAY = ["True", "True"] if HF_KERNELS else ["False", "False"]
+
+
 def _python(code: str, cwd: Path, *flags: str, env: dict | None = None) -> str:
     result = subprocess.run([sys.executable, *flags, "-c", code], cwd=cwd, capture_output=True, text=True,
                             check=True, env=env)
@@ -65,7 +82,7 @@ def test_top_level_kernels_is_not_this_repository_in_a_fresh_interpreter(tmp_pat
     working directory off sys.path)."""
     cwd, flags = (tmp_path, ()) if where == "outside the checkout" else (REPO, ("-P",))
     assert not _provided_by_this_repo(_python(FIND_SPEC, cwd, *flags).split())
-    assert _python(PROBE_BOTH, cwd, *flags).split() == ["False", "False"]
+    assert _python(PROBE_BOTH, cwd, *flags).split() == PROBES_SAY
 
 
 def test_our_kernels_are_installed_as_vmc_fast_kernels():
@@ -85,10 +102,24 @@ def _probe(module_names: tuple[str, ...]):
 
 
 @pytest.mark.parametrize("library", PROBES)
-def test_hf_kernels_probes_stay_false(library):
+def test_hf_kernels_probes_say_whether_hugging_faces_package_is_installed(library):
     probe = _probe(PROBES[library])
     assert probe is not None, f"{library} no longer has is_kernels_available in {PROBES[library]}; update this test"
-    assert probe() is False
+    assert probe() is HF_KERNELS
+
+
+HAND_OVER = ("import kernels, vmc_fast.kernels as ours; from diffusers import AutoencoderKL; "
+             "print(kernels.__file__); print(ours.__file__)")
+
+
+@pytest.mark.skipif(not HF_KERNELS, reason="Hugging Face's kernels package is not installed")
+def test_in_the_repository_root_import_kernels_is_hugging_faces_package():
+    """`python -m vmc_fast.cli` or `python -c` in the checkout puts the root on sys.path, where `kernels` finds our
+    folder first (the control above); the folder hands the name over, so diffusers' imports from it work and
+    vmc_fast.kernels is still ours."""
+    hf_file, ours_file = _python(HAND_OVER, REPO).split()
+    assert not _provided_by_this_repo([hf_file])
+    assert _provided_by_this_repo([ours_file])
 
 
 def _fake_kernels_distribution(site: Path) -> str:
