@@ -594,10 +594,10 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-def config_file_values(cls: type, data: dict, where: str, prefix: str = "") -> dict:
+def config_file_values(cls: type, data: dict, where: str, prefix: str = "", root: type | None = None) -> dict:
     """`data` checked against dataclass `cls`: every key a field (ValueError naming the nearest valid name
     otherwise), nested sections as mappings, each leaf of its field's type (JSON lists become tuples, ints are
-    accepted for floats)."""
+    accepted for floats). prefix, root: where a nested section sits in the root dataclass."""
     import typing
 
     hints = typing.get_type_hints(cls)
@@ -605,10 +605,10 @@ def config_file_values(cls: type, data: dict, where: str, prefix: str = "") -> d
     for name, value in data.items():
         dotted = prefix + str(name)
         if name not in hints or name not in {f.name for f in dataclasses.fields(cls)}:
-            raise ValueError(f"{where}: unknown setting {dotted!r}; did you mean {nearest_setting(cls, dotted)!r}?")
+            raise ValueError(f"{where}: unknown setting {dotted!r}; did you mean {nearest_setting(root or cls, dotted)!r}?")
         if dataclasses.is_dataclass(hints[name]):
             check_field(isinstance(value, dict), where, f"{dotted} must be a mapping of its settings")
-            values[name] = config_file_values(hints[name], value, where, dotted + ".")
+            values[name] = config_file_values(hints[name], value, where, dotted + ".", root or cls)
         else:
             values[name] = _file_value(value, hints[name], f"{where}: {dotted}")
     return values
@@ -630,7 +630,8 @@ def setting_names(cls: type, prefix: str = "") -> list[str]:
 
 def nearest_setting(cls: type, name: str) -> str:
     """The valid dotted name closest to `name`: a field of that last name in any section (``steps`` ->
-    ``train.steps``), or one named by that option (``lr`` -> ``train.learning_rate``), else the most similar."""
+    ``train.steps``), or one named by that option (``lr`` -> ``train.learning_rate``), else the most similar
+    setting or section (``modle`` -> ``model``)."""
     import difflib
 
     names = setting_names(cls)
@@ -639,7 +640,8 @@ def nearest_setting(cls: type, name: str) -> str:
     by_option = [".".join(o.path) for o in options(cls) if o.flag.lstrip("-").replace("-", "_") == leaf]
     if by_leaf or by_option:
         return (by_leaf or by_option)[0]
-    return difflib.get_close_matches(name, names, n=1, cutoff=0.0)[0]
+    sections = sorted({n.rsplit(".", 1)[0] for n in names if "." in n})
+    return difflib.get_close_matches(name, names + sections, n=1, cutoff=0.0)[0]
 
 
 def _file_value(value: Any, annotation: Any, where: str) -> Any:
