@@ -38,13 +38,15 @@ def _flat(data: dict, prefix: str = "") -> dict:
 
 @pytest.fixture
 def first_run(square_video, tmp_path, monkeypatch):
-    """A run with settings off their defaults, given with relative paths from tmp_path."""
+    """A run with settings off their defaults, given with relative paths from tmp_path: settings that have no
+    option (betas, timestep range) from a YAML file, the rest as flags."""
     monkeypatch.chdir(tmp_path)
     video = Path("clips") / "square.mp4"
     video.parent.mkdir()
     square_video.rename(video)
-    _train("--videos", str(video), "--prompt", "a square moving right", "--out", "run1", "--steps", "3",
-           "--seed", "7", "--lr", "3e-4", "--loss", "l2", "--frames", "6", "--weight-decay", "0.02")
+    Path("start.yaml").write_text("train:\n  betas: [0.8, 0.99]\n  timestep_range: [100, 900]\n  steps: 9\n")
+    _train("--config", "start.yaml", "--videos", str(video), "--prompt", "a square moving right", "--out", "run1",
+           "--steps", "3", "--seed", "7", "--lr", "3e-4", "--loss", "l2", "--frames", "6", "--weight-decay", "0.02")
     return tmp_path / "run1"
 
 
@@ -55,8 +57,10 @@ def test_saved_config_is_the_whole_tree_with_absolute_paths(first_run, tmp_path)
     assert saved["data"]["videos"] == str(tmp_path / "clips" / "square.mp4")
     assert Path(saved["cache_dir"]).is_absolute()
     assert saved["train"]["seed"] == 7 and saved["train"]["learning_rate"] == 3e-4
-    assert saved["data"]["num_frames"] == 6 and saved["train"]["betas"] == [0.9, 0.999]
-    assert RunConfig.from_dict(saved).to_dict() == saved | {"train": {**saved["train"], "betas": (0.9, 0.999)}}
+    assert saved["data"]["num_frames"] == 6 and saved["train"]["steps"] == 3  # the flag beat the file's 9
+    assert saved["train"]["betas"] == [0.8, 0.99] and saved["train"]["timestep_range"] == [100, 900]
+    rebuilt = RunConfig.from_dict(saved).to_dict()
+    assert json.loads(json.dumps(rebuilt)) == saved
 
 
 def test_rerun_from_saved_config_is_bit_identical_and_flags_override(first_run, tmp_path):

@@ -85,6 +85,8 @@ def test_cpu_ranks_warn_once_as_ours_and_print_no_noise(tmp_path):
     assert "warning: --gpus 2: no CUDA device; running 2 CPU ranks with gloo" in result.stderr
     assert _noise_in(result.stderr) == [], result.stderr
     assert json.loads(result.stdout)["counts"] == {"done": 2}
+    for name in ("a", "b"):  # each rank wrote the metrics of the video it tuned
+        assert [r["step"] for r in read_metrics(metrics_path(tmp_path / "out", name))] == [1]
 
 
 @pytest.mark.slow
