@@ -136,7 +136,7 @@ def config_command(name: str, cls: type, run: Callable[..., None], *, epilog: st
             parameter = typer.Option(default, field_option.flag, help=text, rich_help_panel=panel,
                                      show_default=not must and default != "")
         else:  # a name without dashes (``ADAPTER``) is a positional argument
-            parameter = typer.Argument(default, help=text, show_default=False)
+            parameter = typer.Argument(default, help=text, show_default=False, metavar=field_option.flag)
         params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=parameter))
     by_key = {"_".join(f.path): f for f in fields}
