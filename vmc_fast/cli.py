@@ -19,7 +19,16 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vmc_fast.config import ExportConfig, GenerateConfig, Option, RunConfig, from_options, options
+from vmc_fast.config import (
+    CONFIG_FILE_OPTION,
+    ExportConfig,
+    GenerateConfig,
+    Option,
+    RunConfig,
+    config_from_file,
+    from_options,
+    options,
+)
 from vmc_fast.errors import VmcError
 
 app = typer.Typer(
@@ -107,8 +116,12 @@ def _name_values(flag: str) -> Callable[[list[str]], dict[str, str]]:
 def config_command(name: str, cls: type, run: Callable[..., None], *, epilog: str = "", help: str = "",
                    required: tuple[str, ...] = (), extra: tuple[inspect.Parameter, ...] = ()) -> None:
     """Register command `name`: the options of dataclass `cls` (plus `extra` parameters; a field whose option name
-    has no dashes, e.g. ``option("ADAPTER")``, is a positional argument); on call, the config is built and passed
-    to run(cfg, console, **extra values). A ValueError or VmcError ends in one red line, exit 2.
+    has no dashes, e.g. ``option("ADAPTER")``, is a positional argument) and ``--config FILE``; on call, the config
+    is built and passed to run(cfg, console, **extra values). A ValueError or VmcError ends in one red line, exit 2.
+
+    With ``--config`` the config is the file's (`vmc_fast.config.config_from_file`), overridden by the options
+    given on the command line (click's parameter source tells them from defaults). A `required` field must be
+    given on the command line or by the file.
     """
     fields = options(cls)
     parsers, params = {}, []
@@ -116,31 +129,69 @@ def config_command(name: str, cls: type, run: Callable[..., None], *, epilog: st
         key = "_".join(field_option.path)
         annotation, default, parsers[key] = _cli_type(field_option)
         panel = field_option.path[0].title() if len(field_option.path) > 1 else None
-        default = ... if field_option.path[-1] in required else default
+        must = field_option.path[-1] in required
+        text = field_option.help + (" Required (unless --config gives it)." if must else "")
+        default = None if must else default  # checked in `command`: the file may give it
         if field_option.flag.startswith("-"):
-            parameter = typer.Option(default, field_option.flag, help=field_option.help, rich_help_panel=panel,
-                                     show_default=default != "")
+            parameter = typer.Option(default, field_option.flag, help=text, rich_help_panel=panel,
+                                     show_default=not must and default != "")
         else:  # a name without dashes (``ADAPTER``) is a positional argument
-            parameter = typer.Argument(default, help=field_option.help, show_default=False)
+            parameter = typer.Argument(default, help=text, show_default=False, metavar=field_option.flag)
         params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=parameter))
-    by_key = {"_".join(f.path): f.path for f in fields}
+    by_key = {"_".join(f.path): f for f in fields}
+    must_give = {"_".join(f.path) for f in fields if f.path[-1] in required}
 
-    def command(**kwargs) -> None:
+    def command(ctx: typer.Context, config_file: Optional[Path], **kwargs) -> None:
         from vmc_fast.reporting import print_warnings_as_lines
 
         console = _console(stderr=bool(kwargs.get("json_output")))
         print_warnings_as_lines(_console(stderr=True))
         extras = {p.name: kwargs.pop(p.name) for p in extra}
+        given = {k for k in kwargs if _given_on_command_line(ctx, k)}
         try:
-            cfg = from_options(cls, {by_key[k]: parsers[k](v) for k, v in kwargs.items()})
+            values = {by_key[k].path: parsers[k](v) for k, v in kwargs.items() if k in given or config_file is None}
+            cfg = _build_config(cls, values, config_file, [by_key[k] for k in sorted(must_give - given)])
         except (VmcError, ValueError) as exc:
             _fail(str(exc), console)
         run(cfg, console, **extras)
 
-    command.__signature__ = inspect.Signature([*params, *extra])
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    config_param = inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                     default=typer.Option(None, CONFIG_FILE_OPTION, help=CONFIG_HELP))
+    command.__signature__ = inspect.Signature([context, config_param, *params, *extra])
     command.__doc__ = help
     app.command(name, epilog=epilog, help=help)(command)
+
+
+CONFIG_HELP = ("Settings from a file: a run folder's config.json (or the folder), or YAML with the same names; "
+               "options given here override it.")
+
+
+def _given_on_command_line(ctx: typer.Context, key: str) -> bool:
+    """Whether option `key` was given (command line, environment or prompt), not left at its default. (By the
+    source's name: typer 0.2x ships its own copy of click, whose ParameterSource is another enum.)"""
+    source = ctx.get_parameter_source(key)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _build_config(cls: type, values: dict, config_file: Path | None, missing: list[Option]) -> Any:
+    """The config of one command: from `values` ({option path: value}) alone, or from `config_file` with `values`
+    overriding it. `missing`: required options not given on the command line (ValueError unless the file gives
+    them)."""
+    if config_file is None:
+        if missing:
+            raise ValueError(f"{missing[0].flag}: required; give it (or a {CONFIG_FILE_OPTION} file that sets it)")
+        return from_options(cls, values)
+    cfg = config_from_file(cls, config_file, values)
+    for field_option in missing:
+        value = cfg
+        for name in field_option.path:
+            value = getattr(value, name)
+        if value in ("", None):
+            raise ValueError(f"{field_option.flag}: required; neither the command line nor {CONFIG_FILE_OPTION} "
+                             f"{config_file} gives it")
+    return cfg
 
 
 def _flag(name: str, flag: str, help: str, default: Any = False, annotation: Any = bool) -> inspect.Parameter:
@@ -212,11 +263,14 @@ config_command("train", RunConfig, _train, epilog=TRAIN_EXAMPLES, help="Tune one
 @app.command(hidden=True)
 def rank(plan_file: Path = typer.Argument(..., help="the plan the launcher wrote for its ranks")) -> None:
     """One launched rank of `vmc-fast train --gpus N` (started by torch.distributed.run, not by hand)."""
-    from vmc_fast.reporting import RichReporter
+    from vmc_fast.reporting import NoiseFilteredLines, RichReporter, print_warnings_as_lines
     from vmc_fast.runs.launch import worker
     from vmc_fast.runs.library import QuietReporter
 
-    # Rank 0 draws on stderr: the launcher's stdout carries the summary (and --json's one line).
+    # Rank 0 draws on stderr: the launcher's stdout carries the summary (and --json's one line), so whatever a
+    # library prints on a rank's stdout goes to stderr too, less the known noise.
+    print_warnings_as_lines(_console(stderr=True))
+    sys.stdout = NoiseFilteredLines(sys.stderr)
     worker(str(plan_file), lambda r: RichReporter(_console(stderr=True)) if r == 0 else QuietReporter())
 
 

@@ -272,6 +272,9 @@ class RunConfig:
     retune: bool = False
     """Tune again the videos of --out that were tuned with other settings (their adapters are replaced);
     without it such a rerun is refused."""
+    tensorboard: bool = False
+    """Also write each video's loss, gradient norm and learning rate as TensorBoard event files, in
+    DIR/NAME/tensorboard/ beside DIR/NAME/metrics.jsonl (needs `pip install tensorboard`)."""
 
     def __post_init__(self) -> None:
         check_field(bool(self.out_dir.strip()), "--out", "must not be empty")
@@ -285,15 +288,32 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
-        """Rebuild a saved config (config.json); older files' ``train.snr_weight`` becomes ``loss_weight``."""
-        train = dict(data.get("train", {}))
-        if "snr_weight" in train:  # before 2026-11-30: a bool, which only ever weighted l2
+    def with_absolute_paths(self) -> "RunConfig":
+        """A copy whose file and folder settings (videos, --out, cache, DeepSpeed config) are absolute, so that
+        the saved config.json reruns the same from any working directory."""
+        data = self.to_dict()
+        for section, name in (("data", "videos"), (None, "out_dir"), (None, "cache_dir"),
+                              ("parallel", "deepspeed_config")):
+            holder = data[section] if section else data
+            if holder[name]:  # "" (the built-in example) and None (unset) stay as they are
+                holder[name] = absolute_path(holder[name])
+        return RunConfig.from_dict(data)
+
+    @staticmethod
+    def migrate_dict(data: dict) -> dict:
+        """A saved config in today's names: older files' ``train.snr_weight`` becomes ``train.loss_weight``."""
+        train = data.get("train")
+        if isinstance(train, dict) and "snr_weight" in train:  # before 2026-11-30: a bool, only ever for l2
+            train = dict(train)
             snr = train.pop("snr_weight") and train.get("loss", "cos") == "l2"
             train.setdefault("loss_weight", "snr" if snr else "none")
             data = {**data, "train": train}
-        return from_dict(cls, data)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """Rebuild a saved config (config.json), older names included (`migrate_dict`)."""
+        return from_dict(cls, cls.migrate_dict(data))
 
 
 # ------------------------------------------------------------------------------------------------ generating
@@ -396,6 +416,11 @@ def resolve_model_id(model_id: str) -> str:
         parts = model_id.split(COMPOSITE_SEPARATOR)  # AnimateDiff's BASE+MOTION_ADAPTER: each part resolved
         return COMPOSITE_SEPARATOR.join(resolve_model_id(part.strip()) if part.strip() else part for part in parts)
     return model_id if model_id in available_models() else str(folder.resolve())  # built-in names come first
+
+
+def absolute_path(path: str) -> str:
+    """`path` with ``~`` expanded, made absolute against the working directory and normalised (no ``..``)."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def normalized_prompt(text: str) -> str:
@@ -511,6 +536,130 @@ def from_dict(cls: type, data: dict) -> Any:
         else:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ config files
+
+CONFIG_FILE_OPTION = "--config"
+"""The option every config command takes: a JSON or YAML file of the command's config tree."""
+
+
+def config_from_file(cls: type, path: str | Path, overrides: dict[tuple[str, ...], Any] | None = None) -> Any:
+    """Dataclass `cls` built from a config file (the run folder's config.json, or YAML with the same names),
+    `overrides` ({option path: value}, the options given on the command line) taking precedence.
+
+    Raises ValueError naming the file: unreadable or not a mapping, a key that is no field of `cls` (with the
+    nearest valid name), a value of the wrong type; and as building `cls` does, naming the option.
+    """
+    data = read_config_file(path)
+    migrate = getattr(cls, "migrate_dict", None)
+    data = migrate(data) if migrate is not None else data
+    values = config_file_values(cls, data, f"{CONFIG_FILE_OPTION} {path}")
+    for option_path, value in (overrides or {}).items():
+        holder = values
+        for name in option_path[:-1]:
+            holder = holder.setdefault(name, {})
+        holder[option_path[-1]] = value
+    return from_dict(cls, values)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a JSON (``.json``) or YAML (any other suffix) file; ValueError naming the file."""
+    import yaml
+
+    where = f"{CONFIG_FILE_OPTION} {path}"
+    file = Path(path).expanduser()
+    if file.is_dir():  # a run folder: its saved config
+        check_field((file / "config.json").is_file(), where, "a folder without config.json; pass a run folder "
+                    "(--out of `vmc-fast train`), its config.json or a YAML file")
+        file = file / "config.json"
+    check_field(file.is_file(), where, "no such file; pass a run folder's config.json or a YAML file")
+    text = file.read_text()
+    try:
+        data = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if file.suffix.lower() == ".json" else "YAML"
+        raise ValueError(f"{where}: not valid {kind} ({' '.join(str(exc).split())})") from None
+    check_field(isinstance(data, dict), where, f"must hold a mapping of setting names, not {type(data).__name__}")
+    return data
+
+
+def config_file_values(cls: type, data: dict, where: str, prefix: str = "", root: type | None = None) -> dict:
+    """`data` checked against dataclass `cls`: every key a field (ValueError naming the nearest valid name
+    otherwise), nested sections as mappings, each leaf of its field's type (JSON lists become tuples, ints are
+    accepted for floats). prefix, root: where a nested section sits in the root dataclass."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        dotted = prefix + str(name)
+        if name not in hints or name not in {f.name for f in dataclasses.fields(cls)}:
+            raise ValueError(f"{where}: unknown setting {dotted!r}; did you mean {nearest_setting(root or cls, dotted)!r}?")
+        if dataclasses.is_dataclass(hints[name]):
+            check_field(isinstance(value, dict), where, f"{dotted} must be a mapping of its settings")
+            values[name] = config_file_values(hints[name], value, where, dotted + ".", root or cls)
+        else:
+            values[name] = _file_value(value, hints[name], f"{where}: {dotted}")
+    return values
+
+
+def setting_names(cls: type, prefix: str = "") -> list[str]:
+    """Every field of dataclass `cls` as a dotted name (``train.steps``), nested sections walked."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            names.extend(setting_names(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+def nearest_setting(cls: type, name: str) -> str:
+    """The valid dotted name closest to `name`: a field of that last name in any section (``steps`` ->
+    ``train.steps``), or one named by that option (``lr`` -> ``train.learning_rate``), else the most similar
+    setting or section (``modle`` -> ``model``)."""
+    import difflib
+
+    names = setting_names(cls)
+    leaf = name.rsplit(".", 1)[-1]
+    by_leaf = [n for n in names if n.rsplit(".", 1)[-1] == leaf]
+    by_option = [".".join(o.path) for o in options(cls) if o.flag.lstrip("-").replace("-", "_") == leaf]
+    if by_leaf or by_option:
+        return (by_leaf or by_option)[0]
+    sections = sorted({n.rsplit(".", 1)[0] for n in names if "." in n})
+    return difflib.get_close_matches(name, names + sections, n=1, cutoff=0.0)[0]
+
+
+def _file_value(value: Any, annotation: Any, where: str) -> Any:
+    """One leaf value of a config file as its field's type (ValueError naming `where` when it is not)."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _file_value(value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)], where)
+    if origin is tuple:
+        check_field(isinstance(value, (list, tuple)), where, f"must be a list, not {value!r}")
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        check_field(len(items) == len(value), where, f"must be a list of {len(items)} values, not {value!r}")
+        return tuple(_file_value(v, a, where) for v, a in zip(value, items))
+    if origin is dict or annotation is dict:
+        check_field(isinstance(value, dict), where, f"must be a mapping, not {value!r}")
+        return dict(value)
+    if annotation is float:
+        check_field(isinstance(value, (int, float)) and not isinstance(value, bool), where,
+                    f"must be a number, not {value!r}")
+        return float(value)
+    if annotation in (int, str, bool):
+        ok = isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool))
+        check_field(ok, where, f"must be {'an' if annotation is int else 'a'} {annotation.__name__}, not {value!r}")
+    return value
 
 
 @cache

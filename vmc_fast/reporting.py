@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import re
 import time
 
 import torch
@@ -52,7 +55,7 @@ class RichReporter:
     def run_started(self, cfg: RunConfig, jobs: list[Job], num_skipped: int) -> None:
         saved = f"saved to {cfg.out_dir}/config.json" if jobs else "nothing to tune, nothing written"
         self.console.print(f"[bold]vmc-fast train[/] config ({escape(saved)}):")
-        self.console.print_json(cfg.to_json())
+        self.console.print_json(cfg.with_absolute_paths().to_json())  # as config.json holds it
         if num_skipped:
             self.console.print(f"resuming: {num_skipped} video(s) already done, {len(jobs)} to tune")
         for job in jobs:
@@ -268,17 +271,41 @@ KNOWN_NOISE = (
     (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated"),
     (UserWarning, r"MatMul8bitLt: inputs will be cast from"),
     (FutureWarning, r".*TRANSFORMERS_CACHE.*"),
+    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),  # DeepSpeed's collectives under ZeRO
 )
 """(category, message regex) of other packages' warnings that mean nothing to a user of vmc-fast: deprecations
-inside the pipelines we wrap, bitsandbytes' note on the dtype it quantizes in. Our own warnings always show."""
+inside the pipelines and engines we wrap, bitsandbytes' note on the dtype it quantizes in. Our own warnings always
+show."""
+KNOWN_NOISE_LOGS = (
+    ("diffusers.pipelines.pipeline_utils", r"The (TextToVideoSD|VideoToVideoSD)Pipeline has been deprecated"),
+    ("transformers.utils.import_utils", r"requires torchvision \(not installed\); falling back"),
+    ("DeepSpeed", r"Setting accelerator to CPU"),
+    ("bitsandbytes.backends.cpu.ops", r"from kernels-community"),
+)
+"""(logger, message regex) of other packages' log lines that mean nothing to a user: the deprecation notice of
+diffusers' ModelScope pipelines (which Show-1's cascade stages build on), transformers' note that it reads images
+without torchvision, DeepSpeed's CPU fallback (CPU ranks are what --gpus N means without CUDA), bitsandbytes'
+probe for the optional `kernels` package."""
+KNOWN_NOISE_LINES = (r"^DeepSpeed [\w.]+ built successfully$",)
+"""Regexes of lines other packages print on stdout in a launched rank (DeepSpeed's JIT op loader)."""
 NOISY_LOGGERS = ("bitsandbytes",)
 """Loggers whose warnings are only about optional kernels ("Failed to load CPU gemm_4bit_forward from
 kernels-community"): shown from ERROR up."""
 
 
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
 def print_warnings_as_lines(console: Console) -> None:
-    """Show every warning as one line, ``warning: <message>``, on `console`, and drop the known noise."""
-    import logging
+    """Show every warning as one line, ``warning: <message>``, on `console`, and drop the known noise (warnings
+    and log lines of other packages: KNOWN_NOISE, KNOWN_NOISE_LOGS, NOISY_LOGGERS). Call it before those packages
+    are imported or after: filters on a logger stay when the package sets it up."""
     import warnings
 
     from rich.markup import escape
@@ -287,8 +314,36 @@ def print_warnings_as_lines(console: Console) -> None:
         warnings.filterwarnings("ignore", message=pattern, category=category)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, pattern in KNOWN_NOISE_LOGS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DropMatching(pattern))
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
     warnings.showwarning = show
+
+
+class NoiseFilteredLines(io.TextIOBase):
+    """A text stream that passes whole lines on to `target`, except those matching KNOWN_NOISE_LINES. A launched
+    rank's stdout is this onto stderr: the launcher's stdout carries the summary and --json's line, and nothing
+    a library prints may mix into it."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            if not any(re.search(pattern, line) for pattern in KNOWN_NOISE_LINES):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()

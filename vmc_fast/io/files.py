@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -50,3 +52,18 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return Path(path)
+
+
+def strict_json(obj) -> str:
+    """JSON that every parser reads: NaN and inf floats become null (Python's json would write bare NaN)."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, sort_keys=True)
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj

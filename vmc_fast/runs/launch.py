@@ -69,7 +69,7 @@ def train(cfg: RunConfig, reporter: Reporter | None = None) -> RunSummary:
     out = start_run(cfg, plan)
     reporter.run_started(cfg, plan.todo, plan.num_done)
     if session is not None:
-        run_jobs(session, plan.todo, Manifest(out), reporter)
+        run_jobs(session, plan.todo, Manifest(out), reporter, tensorboard=cfg.tensorboard)
     return summarize(out, plan.jobs)
 
 
@@ -99,6 +99,8 @@ def launch(cfg: RunConfig, plan: Plan) -> RunSummary:
                          f"would recast the whole UNet, and its loss scaling is not wired here; use --precision bf16, "
                          f"or --strategy videos")
     env = dict(os.environ)
+    if num_ranks > 1:  # torch.distributed.run's own default for several ranks, set here so it prints no banner
+        env.setdefault("OMP_NUM_THREADS", "1")
     if not torch.cuda.is_available():
         warnings.warn(f"--gpus {num_ranks}: no CUDA device; running {num_ranks} CPU ranks with gloo", stacklevel=2)
         env["DS_ACCELERATOR"] = "cpu"
@@ -200,7 +202,7 @@ def run_rank(cfg: RunConfig, todo: list[Job], reporter: Reporter, *, num_done: i
         return
     manifest = Manifest(Path(cfg.out_dir).expanduser())
     if not zero:
-        run_jobs(_session(cfg, device), mine, manifest, reporter)
+        run_jobs(_session(cfg, device), mine, manifest, reporter, tensorboard=cfg.tensorboard)  # each its own
         return
     from vmc_fast.tuning.steps import RankAgreement, ZeroStepFactory
 
@@ -209,7 +211,7 @@ def run_rank(cfg: RunConfig, todo: list[Job], reporter: Reporter, *, num_done: i
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + rank))
     session = _session(cfg, device, write_adapters=rank == 0, make_optimizer_step=ZeroStepFactory(cfg, ranks))
     run_jobs(AgreeingSession(session, ranks), mine, manifest if rank == 0 else ReadOnlyManifest(manifest),
-             reporter)
+             reporter, write_metrics=rank == 0, tensorboard=cfg.tensorboard)
     torch.distributed.barrier()  # short: all ranks settled the last video together
 
 

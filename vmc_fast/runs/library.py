@@ -18,7 +18,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import tempfile
 import traceback
@@ -30,13 +29,15 @@ from typing import Any, Iterator, Protocol
 
 from vmc_fast.config import RunConfig, options
 from vmc_fast.errors import NonFiniteError, VmcError
-from vmc_fast.io.files import write_text_atomic
+from vmc_fast.io.files import strict_json, write_text_atomic
 from vmc_fast.io.prompts import derive_prompt, resolve_prompt_sources
 from vmc_fast.io.video import ClipInfo, find_videos
 from vmc_fast.models.registry import ModelSpec, model_spec
 from vmc_fast.tuning.loop import StepStats
 
 MANIFEST = "manifest.jsonl"
+CONFIG = "config.json"
+"""The run's whole RunConfig, paths absolute: `vmc-fast train --config DIR/config.json` reruns it."""
 
 
 @dataclass
@@ -154,21 +155,6 @@ DONE_FIELDS = ("adapter", "final_loss", "seconds", "steps", "peak_memory_bytes",
 """Fields of a `done` entry, which describe its adapter; a later failure removes them."""
 
 
-def strict_json(obj) -> str:
-    """JSON that every parser reads: NaN and inf floats become null (Python's json would write bare NaN)."""
-    return json.dumps(_finite_or_none(obj), allow_nan=False, sort_keys=True)
-
-
-def _finite_or_none(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
 # --------------------------------------------------------------------------------------------- planning
 
 
@@ -197,6 +183,10 @@ def plan_run(cfg: RunConfig) -> Plan:
     videos, an output folder that cannot be written, or videos of --out tuned with another request (unless
     ``cfg.retune``).
     """
+    if cfg.tensorboard:
+        from vmc_fast.runs.metrics import check_tensorboard
+
+        check_tensorboard()
     spec = model_spec(cfg.model.model_id)
     check_against_model(cfg, spec)
     check_out_dir(cfg)
@@ -327,7 +317,7 @@ def prepare_out_dir(cfg: RunConfig) -> Path:
         probe.close()
     except OSError as exc:
         raise VmcError(f"--out {out}: not writable ({exc.strerror or exc}); choose a folder you can write to") from exc
-    write_text_atomic(out / "config.json", cfg.to_json() + "\n")
+    write_text_atomic(out / CONFIG, cfg.with_absolute_paths().to_json() + "\n")  # reruns with --config
     return out
 
 
@@ -355,6 +345,7 @@ REQUEST_EXCLUDED = {
     "out_dir": "where results go, not what they are",
     "cache_dir": "a cache holds the same values wherever it is",
     "retune": "how a rerun treats old results, not what they are",
+    "tensorboard": "what is logged beside the adapters, not what they are",
 }
 """RunConfig fields (dotted paths) left out of the request key, and why. Every other field, including fields
 added later, is in it: a setting is assumed to change the adapter unless it is listed here (a record made before
@@ -506,25 +497,33 @@ def mark_pending(jobs: list[Job], manifest: Manifest) -> None:
                         request=job.request, request_hash=job.request_hash)
 
 
-def run_jobs(session, jobs: list[Job], manifest: Manifest, reporter: Reporter) -> None:
-    """Tune every job in order with one prepared session, recording each outcome; never raises for a video."""
+def run_jobs(session, jobs: list[Job], manifest: Manifest, reporter: Reporter, *, write_metrics: bool = True,
+             tensorboard: bool = False) -> None:
+    """Tune every job in order with one prepared session, recording each outcome; never raises for a video.
+
+    write_metrics: write each video's DIR/NAME/metrics.jsonl (`vmc_fast.runs.metrics`), and with `tensorboard`
+    its TensorBoard event files; False on the ranks that tune alongside rank 0 under ZeRO.
+    """
+    metrics = {"tensorboard": tensorboard} if write_metrics else None
     with_prompt = [j for j in jobs if j.prompt]
     embeddings = session.prompt_embeddings(sorted({j.prompt for j in with_prompt})) if with_prompt else {}
     for index, job in enumerate(jobs, 1):
         reporter.video_started(job, index, len(jobs))
-        entry = _run_one(session, job, embeddings, manifest, reporter)
+        entry = _run_one(session, job, embeddings, manifest, reporter, metrics)
         reporter.video_finished(job, entry)
 
 
-def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: Reporter) -> dict:
+def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: Reporter,
+             metrics: dict | None = None) -> dict:
     if not job.prompt:
         return manifest.update(job.video, status="failed", error=job.no_prompt or f"video {job.video}: no prompt; "
                                f"pass --prompt, or put it in a caption file beside the video")
     manifest.update(job.video, status="pending", prompt=job.prompt)
     try:
-        done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, reporter.step,
-                                  on_clip=lambda info: _clip_loaded(reporter, job, info),
-                                  request_hash=job.request_hash)
+        with _step_metrics(metrics, job, reporter) as on_step:
+            done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, on_step,
+                                      on_clip=lambda info: _clip_loaded(reporter, job, info),
+                                      request_hash=job.request_hash)
     except NonFiniteError as exc:  # the step it stopped at goes into the record; no adapter was written
         return manifest.update(job.video, status="failed", error=f"video {job.video.name}: {exc}",
                                nonfinite_step=exc.step)
@@ -542,6 +541,23 @@ def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: 
         skipped_steps=done.result.skipped_steps,
         encoded_prompt=done.encoded_prompt, prompt_truncated=done.encoded_prompt not in (None, job.prompt),
     )
+
+
+@contextmanager
+def _step_metrics(metrics: dict | None, job: Job, reporter: Reporter) -> Iterator:
+    """The on_step of one video: the reporter's, and (`metrics` given: MetricsWriter's keyword arguments) the
+    metrics writer's, closed when tuning ends. The run folder is the adapter's folder's parent."""
+    if metrics is None:
+        yield reporter.step
+        return
+    from vmc_fast.runs.metrics import MetricsWriter
+
+    with MetricsWriter(job.adapter.parent.parent, job.adapter.stem, **metrics) as write:
+        def on_step(stats: StepStats) -> None:
+            write(stats)
+            reporter.step(stats)
+
+        yield on_step
 
 
 def _clip_loaded(reporter: Reporter, job: Job, info: ClipInfo) -> None:

@@ -39,6 +39,8 @@ class StepStats:
     """Global gradient norm before clipping."""
     seconds: float
     """Wall-clock since the loop started."""
+    lr: float = float("nan")
+    """Learning rate of the step's update (the optimizer's first parameter group)."""
 
 
 @dataclass
@@ -97,12 +99,20 @@ def tune(
             raise NonFiniteError(_gradient_message(exc, step, loss_value, cfg, device), step=step) from None
         result.losses.append(loss_value)
         if on_step is not None:
-            on_step(StepStats(step, cfg.steps, result.losses[-1], grad_norm, time.perf_counter() - start))
+            on_step(StepStats(step, cfg.steps, result.losses[-1], grad_norm, time.perf_counter() - start,
+                              lr=_learning_rate(optimizer_step, cfg)))
     unet.eval()
     _check_finite_weights(unet, cfg, device)
     result.seconds = time.perf_counter() - start
     result.skipped_steps = int(getattr(optimizer_step, "skipped_steps", 0))
     return result
+
+
+def _learning_rate(optimizer_step: OptimizerStep, cfg: TrainConfig) -> float:
+    """The rate the optimizer applied (its first parameter group; DeepSpeed's wrappers keep param_groups too),
+    else the configured one."""
+    groups = getattr(getattr(optimizer_step, "optimizer", None), "param_groups", None)
+    return float(groups[0]["lr"]) if groups else cfg.learning_rate
 
 
 def _all_finite(optimizer_step: OptimizerStep, finite: bool) -> bool:
