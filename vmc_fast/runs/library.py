@@ -34,6 +34,7 @@ from vmc_fast.io.files import write_text_atomic
 from vmc_fast.io.prompts import derive_prompt, resolve_prompt_sources
 from vmc_fast.io.video import ClipInfo, find_videos
 from vmc_fast.models.registry import ModelSpec, model_spec
+from vmc_fast.tuning.adapters import written_request
 from vmc_fast.tuning.loop import StepStats
 
 MANIFEST = "manifest.jsonl"
@@ -470,7 +471,7 @@ def _request_changes(job: Job, entry: dict) -> list[str]:
     if "request_hash" not in entry:  # a manifest from before request keys: compare what it recorded
         legacy = {"prompt": entry.get("prompt"), "train.steps": entry.get("steps", job.request.get("train.steps"))}
         return describe_changes(legacy, {k: job.request.get(k) for k in legacy})
-    written = _adapter_request_hash(job.adapter)
+    written = written_request(job.adapter)
     if written is not None and written != entry["request_hash"]:
         return [f"{job.adapter.name} was written by another run (request {written}, manifest "
                 f"{entry['request_hash']})"]
@@ -484,18 +485,6 @@ def _request_changes(job: Job, entry: dict) -> list[str]:
 
 def _default_settings() -> dict[str, Any]:
     return json.loads(json.dumps(dict(_fields(RunConfig()))))
-
-
-def _adapter_request_hash(path: Path) -> str | None:
-    """The request hash in an adapter file's metadata (None: not recorded, or unreadable)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            extra = json.loads((handle.metadata() or {}).get("extra", "{}"))
-    except Exception:  # a file we cannot read is not ours to judge here; loading it will say what is wrong
-        return None
-    return extra.get("request_hash")
 
 
 def mark_pending(jobs: list[Job], manifest: Manifest) -> None:
