@@ -149,3 +149,149 @@ def test_an_adapter_written_for_the_same_request_is_never_rewritten(tmp_path):
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     _save(unet, path, tuned, base, "bf16", request_hash="other")  # another request (--retune) replaces it
     assert path.stat().st_ino != before.st_ino
+
+
+# --------------------------------------------------------------------------------------------- killed runs
+
+from typer.testing import CliRunner  # noqa: E402
+
+from vmc_fast.cli import app  # noqa: E402
+from vmc_fast.io.files import atomic_path, held_lock, remove_stale_temporaries  # noqa: E402
+from vmc_fast.runs.library import RUN_LOCK, RunProgress  # noqa: E402
+
+runner = CliRunner()
+
+
+def _videos(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True)
+    for index in range(count):
+        write_video(folder / f"clip{index}.mp4", moving_square_frames(step=2 + index))
+    return folder
+
+
+def _leftovers(*folders: Path) -> list[Path]:
+    """Temporary and lock files under `folders`: what a finished run must not leave."""
+    return [p for folder in folders for p in folder.rglob("*")
+            if p.is_file() and (".tmp" in p.name or p.name.endswith(".lock") or p.name.startswith(".probe"))]
+
+
+def _entries(out: Path) -> dict[str, dict]:
+    return {Path(e["video"]).name: e for e in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+
+
+def test_sigkill_mid_run_then_a_rerun_finishes_rewrites_nothing_and_leaves_no_temporary_files(tmp_path):
+    videos, out, cache = _videos(tmp_path / "videos", 4), tmp_path / "out", tmp_path / "cache"
+    args = ["train", "--videos", str(videos), "--prompt", PROMPT, "--out", str(out), "--steps", "4", "--cache-dir",
+            str(cache)]
+    env = {**os.environ, "VMC_FAST_CACHE": str(cache)}
+    process = subprocess.Popen([sys.executable, "-m", "vmc_fast.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # not the repository's root
+    try:
+        deadline = time.monotonic() + 600
+        while not list((out / "adapters").glob("*.safetensors")) and process.poll() is None:
+            assert time.monotonic() < deadline, "no adapter within 10 minutes"
+            time.sleep(0.05)
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        # While it runs, a second run on the same folder is refused, and writes nothing.
+        manifest = (out / "manifest.jsonl").read_bytes()
+        second = runner.invoke(app, args)
+        assert second.exit_code == 2 and "another vmc-fast train is running on it (pid " in second.output, \
+            second.output
+        assert (out / "manifest.jsonl").read_bytes() == manifest or process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "adapters").glob("*.safetensors")}
+    assert 1 <= len(finished) < 4
+    # What a kill mid-write leaves: temporary files nobody holds (here planted, as a kill can leave them).
+    stale = [out / "adapters" / ".clip3.k1ll3d00.tmp.safetensors", cache / "prompt-embeddings" / ".x.k1ll3d00.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert "already done" in rerun.output
+    entries = _entries(out)
+    assert sorted(e["status"] for e in entries.values()) == ["done"] * 4
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "adapters").glob("*.safetensors")}
+    assert len(after) == 4 and all(after[name] == stamp for name, stamp in finished.items())  # never rewritten
+    assert _leftovers(out, cache) == []
+
+
+def test_an_adapter_written_but_not_recorded_is_recorded_from_its_metadata(tmp_path):
+    """A run killed between renaming an adapter into place and recording it `done`."""
+    videos, out = _videos(tmp_path / "videos", 2), tmp_path / "out"
+    args = ["train", "--videos", str(videos), "--prompt", PROMPT, "--out", str(out), "--steps", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    killed = [json.loads(line) for line in lines]
+    adapter = Path(killed[0]["adapter"])
+    stamp = (adapter.stat().st_ino, adapter.stat().st_mtime_ns)
+    killed[0] = {k: v for k, v in killed[0].items() if k not in ("adapter", "final_loss", "seconds")}
+    killed[0]["status"] = "pending"
+    (out / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in killed))
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    entry = _entries(out)[Path(killed[0]["video"]).name]
+    assert entry["status"] == "done" and entry["recovered"] and entry["adapter"] == str(adapter.resolve())
+    assert entry["final_loss"] == read_adapter(adapter)[1].final_loss
+    assert (adapter.stat().st_ino, adapter.stat().st_mtime_ns) == stamp
+    assert _leftovers(out) == []
+
+
+def test_a_second_run_on_the_folder_is_refused_but_a_dead_runs_lock_file_is_not(tmp_path):
+    videos, out = _videos(tmp_path / "videos", 1), tmp_path / "out"
+    args = ["train", "--videos", str(videos), "--prompt", PROMPT, "--out", str(out), "--steps", "1"]
+    out.mkdir()
+    with held_lock(out / RUN_LOCK):  # a live run
+        refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and f"--out {out}: another vmc-fast train is running on it (pid {os.getpid()} on" \
+        in refused.output and "choose another --out" in refused.output
+    assert not (out / "manifest.jsonl").exists() and not (out / "config.json").exists()
+    (out / RUN_LOCK).write_text("pid 99999999 on elsewhere since 2026-12-01T00:00:00+00:00\n")  # a killed run's
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert _leftovers(out) == []
+
+
+def test_only_temporary_files_nobody_writes_are_removed(tmp_path):
+    stale = tmp_path / "a" / ".clip.abcd1234.tmp.safetensors"
+    stale.parent.mkdir()
+    stale.write_bytes(b"x")
+    keep = [tmp_path / "a" / "clip.safetensors", tmp_path / ".notours.tmp", tmp_path / "a" / "x.tmp.safetensors"]
+    for path in keep:
+        path.write_bytes(b"x")
+    with atomic_path(tmp_path / "a" / "being_written.safetensors") as live:
+        Path(live).write_bytes(b"y")
+        assert remove_stale_temporaries(tmp_path) == [stale]
+        assert Path(live).is_file()  # its writer holds it
+    assert all(path.is_file() for path in keep) and not stale.exists()
+
+
+def test_run_progress_counts_every_video_of_the_run_from_the_manifest(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = [{"video": "/v/a", "status": "done"}, {"video": "/v/b", "status": "failed", "error": "bad"},
+             {"video": "/v/c", "status": "pending"}, {"video": "/v/other", "status": "done"}]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    progress = RunProgress(out, ["/v/a", "/v/b", "/v/c"], num_before=2, started=100.0).poll()
+    assert (progress.done, progress.failed, progress.total, progress.finished_now) == (3, 1, 5, 2)
+    assert progress.per_hour(now=100.0 + 1800) == pytest.approx(4.0)  # 2 videos in half an hour
+    assert progress.eta_seconds(now=100.0 + 1800) == pytest.approx(900.0)  # 1 left at 4 an hour
+    assert progress.line(now=100.0 + 1800) == "videos 3/5 done, 1 failed, 4.0 videos/hour, ETA 15 min"
+    assert RunProgress(out, ["/v/c"]).poll().line().endswith("- videos/hour, ETA -")
+
+
+def test_train_prints_the_runs_progress_as_plain_lines(tmp_path):
+    videos = _videos(tmp_path / "videos", 2)
+    result = runner.invoke(app, ["train", "--videos", str(videos), "--prompt", PROMPT, "--out",
+                                 str(tmp_path / "out"), "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for done in (1, 2):
+        assert any(line.startswith(f"videos {done}/2 done, ") and " videos/hour, ETA " in line for line in lines), \
+            result.output
