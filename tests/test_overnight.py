@@ -295,3 +295,45 @@ def test_train_prints_the_runs_progress_as_plain_lines(tmp_path):
     for done in (1, 2):
         assert any(line.startswith(f"videos {done}/2 done, ") and " videos/hour, ETA " in line for line in lines), \
             result.output
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_of_two_ranks_stops_them_and_a_rerun_finishes(tmp_path):
+    """SIGKILL to `vmc-fast train --gpus 2` (nothing of it runs after): its ranks die with it, the folder is free
+    for the rerun, which finishes the rest without rewriting what was finished."""
+    from vmc_fast.io.files import LockHeld
+    from vmc_fast.runs.library import RANKS_LOCK
+
+    videos, out, cache = _videos(tmp_path / "videos", 4), tmp_path / "out", tmp_path / "cache"
+    args = ["train", "--videos", str(videos), "--prompt", PROMPT, "--out", str(out), "--steps", "4", "--gpus", "2",
+            "--strategy", "videos", "--cache-dir", str(cache)]
+    env = {**os.environ, "VMC_FAST_CACHE": str(cache)}
+    command = [sys.executable, "-m", "vmc_fast.cli", *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 900
+        while not list((out / "adapters").glob("*.safetensors")) and process.poll() is None:
+            assert time.monotonic() < deadline, "no adapter within 15 minutes"
+            time.sleep(0.05)
+        assert process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    deadline = time.monotonic() + 120
+    while True:  # the ranks hold this lock shared while they live
+        try:
+            with held_lock(out / RANKS_LOCK, remove=False):
+                break
+        except LockHeld:
+            assert time.monotonic() < deadline, "the ranks outlived their launcher by 2 minutes"
+            time.sleep(0.5)
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "adapters").glob("*.safetensors")}
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(e["status"] for e in _entries(out).values()) == ["done"] * 4
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "adapters").glob("*.safetensors")}
+    assert all(after[name] == stamp for name, stamp in finished.items())
+    assert _leftovers(out, cache) == []

@@ -274,8 +274,7 @@ def library_report(out: Path = typer.Argument(Path("vmc-out"), help="A training 
                                                  "loads the model)."),
                    steps: int = typer.Option(4, "--steps", min=1, max=1000,
                                              help="DDIM steps of each preview sample.")) -> None:
-    """Write DIR/report.html: one card per video (status, prompt, time, final loss, loss curve, error); opens
-    offline."""
+    """Write DIR/report.html, a page that opens offline: one card per video (status, prompt, time, loss)."""
     from vmc_fast.runs.report import write_report
 
     console = _console()

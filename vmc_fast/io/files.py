@@ -121,11 +121,11 @@ class LockHeld(Exception):
 
 
 @contextmanager
-def held_lock(path: str | Path, shared: bool = False, remove: bool = True) -> Iterator[None]:
+def held_lock(path: str | Path, shared: bool = False, remove: bool = True, record: bool = True) -> Iterator[None]:
     """Hold an flock on `path` (created if missing) without waiting: LockHeld when another process holds it (an
     exclusive lock, or with `shared` False any lock). The kernel releases it when its holder exits, however it
     exits (SIGKILL included), so a dead process's lock file never blocks. An exclusive holder writes
-    "pid N on HOST since TIME" into the file, and with `remove` deletes the file on release; a process that
+    "pid N on HOST since TIME" into the file (unless `record` is False: a check that it is free), and with `remove` deletes the file on release; a process that
     opened the file just before it was deleted notices (another inode) and takes the new one.
     """
     import datetime as _dt
@@ -145,7 +145,7 @@ def held_lock(path: str | Path, shared: bool = False, remove: bool = True) -> It
             break
         os.close(fd)  # deleted by its last holder while we opened it: lock the file now at `path`
     try:
-        if not shared:
+        if record and not shared:
             since = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)

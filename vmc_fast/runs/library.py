@@ -281,6 +281,7 @@ def plan_run(cfg: RunConfig) -> Plan:
     spec = model_spec(cfg.model.model_id)
     check_against_model(cfg, spec)
     check_out_dir(cfg)
+    check_not_running(Path(cfg.out_dir).expanduser())
     manifest = Manifest(Path(cfg.out_dir).expanduser())
     entries = manifest.read()
     jobs = plan_jobs(cfg, entries)
@@ -453,12 +454,21 @@ def running(cfg: RunConfig, plan: Plan) -> Iterator[Plan]:
                 (out / name).unlink(missing_ok=True)
 
 
+def check_not_running(out: Path) -> None:
+    """VmcError when a live run holds `out` (writes nothing; `running` takes the hold itself). Checked while
+    planning, so a second run is refused before it loads any weights."""
+    if (out / RUN_LOCK).is_file():
+        with _holding(out, remove=False, ranks=False):
+            pass
+
+
 @contextmanager
-def _holding(out: Path) -> Iterator[None]:
+def _holding(out: Path, remove: bool = True, ranks: bool = True) -> Iterator[None]:
     try:
-        with held_lock(out / RUN_LOCK):
-            with held_lock(out / RANKS_LOCK, remove=False):
-                pass  # no rank of an earlier run is alive
+        with held_lock(out / RUN_LOCK, remove=remove, record=remove):
+            if ranks:
+                with held_lock(out / RANKS_LOCK, remove=False):
+                    pass  # no rank of an earlier run is alive
             yield
     except LockHeld as exc:
         who = "ranks of an earlier run are still running" if exc.path.name == RANKS_LOCK else \
