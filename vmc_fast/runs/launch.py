@@ -191,8 +191,8 @@ def worker(plan_file: str, make_reporter: Callable[[int], Reporter]) -> None:
     backend = "nccl" if device != "cpu" else "gloo"
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     print(f"rank {rank} of {world_size}: {device}, backend {backend}", file=sys.stderr, flush=True)
-    if sys.platform.startswith("linux"):
-        _set_parent_death_signal(signal.SIGKILL)  # the launcher (torch.distributed.run) gone: so is this rank
+    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:  # started by torch.distributed.run
+        _set_parent_death_signal(signal.SIGKILL)  # the launcher gone: so is this rank
     try:
         todo = [Job.from_dict(job) for job in payload["todo"]]
         with rank_hold(cfg.out_dir):

@@ -271,8 +271,11 @@ class Plan:
         return len(self.jobs) - len(self.todo)
 
 
-def plan_run(cfg: RunConfig) -> Plan:
+def plan_run(cfg: RunConfig, *, held: bool = False) -> Plan:
     """Check everything that can be checked without weights, and decide the jobs; writes nothing.
+
+    held: this process holds --out already (`running` plans again under its hold); otherwise a live run holding
+    it is refused here.
 
     Raises ValueError naming an option that does not fit the model, and VmcError for an unknown model, unusable
     videos, an output folder that cannot be written, or videos of --out tuned with another request (unless
@@ -281,7 +284,8 @@ def plan_run(cfg: RunConfig) -> Plan:
     spec = model_spec(cfg.model.model_id)
     check_against_model(cfg, spec)
     check_out_dir(cfg)
-    check_not_running(Path(cfg.out_dir).expanduser())
+    if not held:
+        check_not_running(Path(cfg.out_dir).expanduser())
     manifest = Manifest(Path(cfg.out_dir).expanduser())
     entries = manifest.read()
     jobs = plan_jobs(cfg, entries)
@@ -438,7 +442,7 @@ def running(cfg: RunConfig, plan: Plan) -> Iterator[Plan]:
     except OSError as exc:
         raise VmcError(f"--out {out}: not writable ({exc.strerror or exc}); choose a folder you can write to") from exc
     with _holding(out):
-        plan = plan_run(cfg)
+        plan = plan_run(cfg, held=True)
         for folder, depth in ((out, 2), (Path(cfg.cache_dir).expanduser(), 1)):
             remove_stale_temporaries(folder, depth)
         manifest = Manifest(out)
@@ -479,9 +483,14 @@ def _holding(out: Path, remove: bool = True, ranks: bool = True) -> Iterator[Non
 @contextmanager
 def rank_hold(out_dir: str | Path) -> Iterator[None]:
     """Held by a launched rank while it runs: keeps --out busy for the next run if the rank outlives its
-    launcher (VmcError when a run is starting on the folder at that moment)."""
+    launcher (VmcError when a run is starting on the folder at that moment). Holds nothing when the folder does
+    not exist (a rank started by hand, without a launcher)."""
+    out = Path(out_dir).expanduser()
+    if not out.is_dir():
+        yield
+        return
     try:
-        with held_lock(Path(out_dir).expanduser() / RANKS_LOCK, shared=True, remove=False):
+        with held_lock(out / RANKS_LOCK, shared=True, remove=False):
             yield
     except LockHeld as exc:
         raise VmcError(f"--out {out_dir}: another run is starting on it ({exc.holder})") from None
