@@ -301,6 +301,8 @@ def test_train_prints_the_runs_progress_as_plain_lines(tmp_path):
 def test_killing_the_launcher_of_two_ranks_stops_them_and_a_rerun_finishes(tmp_path):
     """SIGKILL to `vmc-fast train --gpus 2` (nothing of it runs after): its ranks die with it, the folder is free
     for the rerun, which finishes the rest without rewriting what was finished."""
+    import psutil
+
     from vmc_fast.io.files import LockHeld
     from vmc_fast.runs.library import RANKS_LOCK
 
@@ -316,8 +318,12 @@ def test_killing_the_launcher_of_two_ranks_stops_them_and_a_rerun_finishes(tmp_p
             assert time.monotonic() < deadline, "no adapter within 15 minutes"
             time.sleep(0.05)
         assert process.poll() is None
+        children = psutil.Process(process.pid).children(recursive=True)  # torch.distributed.run and its ranks
+        assert len(children) >= 3
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
+        _, alive = psutil.wait_procs(children, timeout=60)
+        assert alive == [], f"{len(alive)} processes outlived the launcher by a minute"
     finally:
         if process.poll() is None:
             process.kill()
