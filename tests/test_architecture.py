@@ -3,6 +3,8 @@
 - No import circles between modules.
 - The product (io, models, tuning, runs, inference and the top-level modules below the CLI) never imports the
   harness that measures it (toy, studies) nor the command line; rich is drawn only by cli.py and reporting.py.
+- The floors stand in order: io and models (the lowest product floors) never import config or any folder above
+  them, so following a setting from the CLI down to a file never climbs back up.
 - At most a dozen modules on the package's top level.
 """
 
@@ -16,6 +18,8 @@ HARNESS = ("vmc_fast.toy", "vmc_fast.studies")
 PRODUCT = ("vmc_fast.io", "vmc_fast.models", "vmc_fast.tuning", "vmc_fast.runs", "vmc_fast.inference",
            "vmc_fast.config", "vmc_fast.runtime", "vmc_fast.errors", "vmc_fast.losses", "vmc_fast.surgery")
 UI = ("vmc_fast.cli", "vmc_fast.reporting")
+BASEMENT = ("vmc_fast.io", "vmc_fast.models")
+ABOVE_BASEMENT = ("vmc_fast.config", "vmc_fast.tuning", "vmc_fast.runs", "vmc_fast.inference") + HARNESS + UI
 
 
 def _module_name(path: Path) -> str:
@@ -115,3 +119,9 @@ def test_rich_only_in_the_command_line_layer():
 def test_at_most_a_dozen_top_level_modules():
     top = [path.name for path in PACKAGE.glob("*.py")]
     assert len(top) <= 12, top
+
+
+def test_io_and_models_never_import_the_floors_above_them():
+    upward = {name: sorted(n for n in deps if _within(n, ABOVE_BASEMENT))
+              for name, deps in _graph().items() if _within(name, BASEMENT)}
+    assert {name: deps for name, deps in upward.items() if deps} == {}

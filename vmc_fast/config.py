@@ -20,6 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from vmc_fast.io.video import background_rgb
 from vmc_fast.models.attention import BACKENDS
 from vmc_fast.models.registry import TEMPORAL_QKV_PATTERN
 
@@ -35,7 +36,6 @@ DEFAULT_TRAINABLE_PATTERN = TEMPORAL_QKV_PATTERN
 """Names of the tuned tensors of Show-1 and UNet3D: the temporal attention Q/K/V projections
 (`vmc_fast.tuning.surgery`); each backbone says its own (`Backbone.trainable_pattern`)."""
 RESIZE_MODES = ("crop", "squash")
-BACKGROUND_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
 """Named colours of --background; #RRGGBB is accepted too."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -53,16 +53,6 @@ def check_field(condition: bool, option_name: str, message: str) -> None:
     """ValueError naming the option when `condition` fails (the CLI shows it as one line)."""
     if not condition:
         raise ValueError(f"{option_name}: {message}")
-
-
-def background_rgb(value: str, option_name: str = "--background") -> tuple[int, int, int]:
-    """(r, g, b) 0-255 of a background colour: white | black | gray | #RRGGBB (ValueError naming the option)."""
-    text = value.strip().lower()
-    if text in BACKGROUND_COLOURS:
-        return BACKGROUND_COLOURS[text]
-    check_field(re.fullmatch(r"#[0-9a-f]{6}", text) is not None, option_name,
-                f"{value!r} is not a colour; use white, black, gray or #RRGGBB (e.g. #00ff00)")
-    return tuple(int(text[i: i + 2], 16) for i in (1, 3, 5))
 
 
 def option(name: str | None) -> dict:

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vmc_fast.config import background_rgb
 from vmc_fast.errors import VmcError, VmcWarning
 from vmc_fast.io.files import atomic_path
 
@@ -37,6 +36,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TIME_EPS = 1e-6
 """Seconds: a frame stamped within this of a tick counts as shown at the tick (timestamps are rounded)."""
 CROP_WARN_AT = 0.75
+BACKGROUND_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "grey": (128, 128, 128)}
 """A crop keeping this share of a side or less (cutting a quarter or more) is worth a warning."""
 
 Ops = tuple[bool, bool, bool]
@@ -81,7 +81,7 @@ class FrameSampling:
     """Sample by time: tick k is at t0 + k / fps (t0: the first frame's time) and takes the frame shown then;
     `start` and `stride` count ticks. None: take frames by index."""
     background: str = "white"
-    """Colour transparent pixels are composited onto (`vmc_fast.config.background_rgb`)."""
+    """Colour transparent pixels are composited onto (`background_rgb`)."""
 
     @property
     def num_source_frames(self) -> int:
@@ -212,6 +212,16 @@ def _index_list(indices: tuple[int, ...]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- finding
+
+
+def background_rgb(value: str, option_name: str = "--background") -> tuple[int, int, int]:
+    """(r, g, b) 0-255 of a background colour: white | black | gray | #RRGGBB (ValueError naming the option)."""
+    text = value.strip().lower()
+    if text in BACKGROUND_COLOURS:
+        return BACKGROUND_COLOURS[text]
+    if re.fullmatch(r"#[0-9a-f]{6}", text) is None:
+        raise ValueError(f"{option_name}: {value!r} is not a colour; use white, black, gray or #RRGGBB (e.g. #00ff00)")
+    return tuple(int(text[i: i + 2], 16) for i in (1, 3, 5))
 
 
 def natural_key(name: str) -> tuple:
