@@ -175,7 +175,8 @@ def test_a_saved_animatediff_pipeline_loads_with_its_own_scheduler(tiny, tmp_pat
 def _run_config(videos: Path, tmp_path: Path, **model) -> RunConfig:
     return RunConfig(data=DataConfig(videos=str(videos)), model=ModelConfig(model_id=TINY, **model),
                      train=TrainConfig(steps=2, learning_rate=1e-2), prompt="a square moving right",
-                     out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+                     out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+                     adapter_dtype="fp32")  # exact tensors: tests compare them across settings
 
 
 @pytest.fixture(scope="module")

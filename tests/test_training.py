@@ -99,7 +99,10 @@ def test_adapter_round_trip_and_refusal_for_another_base(square_video, tmp_path)
     fresh = load_backbone("tiny-random").unet
     assert base_fingerprint(fresh, set(tensors)) == session.fingerprint
     apply_adapter(fresh, done.adapter)
-    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in tensors.items())
+    tuned = dict(unet.named_parameters())  # the session keeps the tuned values until its next video
+    assert info.storage == "delta"  # the default: bf16 changes, loaded within the error recorded when written
+    assert all((fresh.state_dict()[k] - tuned[k]).abs().max() <= info.reconstruction["max_abs_error"]
+               for k in tensors)
 
     other = load_backbone("tiny-random").unet
     with torch.no_grad():

@@ -274,18 +274,71 @@ def rank(plan_file: Path = typer.Argument(..., help="the plan the launcher wrote
     worker(str(plan_file), lambda r: RichReporter(_console(stderr=True)) if r == 0 else QuietReporter())
 
 
-@app.command()
-def library(out: Path = typer.Argument(Path("vmc-out"), help="A training output folder.")) -> None:
+class _DefaultShowGroup(typer.core.TyperGroup):
+    """`vmc-fast library DIR` is `vmc-fast library show DIR`: a first word that is not a sub-command (nor --help)
+    is a folder, so the command from before `report` existed keeps working."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+LIBRARY_EXAMPLES = """
+Examples:\n
+  # done, failed and pending videos of a run\n
+  vmc-fast library vmc-out\n
+  # the same as JSON, for scripts\n
+  vmc-fast library vmc-out --json\n
+  # a page that opens offline: vmc-out/report.html, with a short sample from every adapter\n
+  vmc-fast library report vmc-out --previews
+"""
+
+
+library_app = typer.Typer(cls=_DefaultShowGroup, epilog=LIBRARY_EXAMPLES, no_args_is_help=False, add_completion=False,
+                          help="A library run's folder: its state (`library DIR`, `--json` for scripts), or a "
+                               "static HTML report (`library report DIR`).")
+app.add_typer(library_app, name="library")
+
+
+
+@library_app.command("show", epilog=LIBRARY_EXAMPLES)
+def library_show(out: Path = typer.Argument(Path("vmc-out"), help="A training output folder."),
+                 json_output: bool = typer.Option(False, "--json", help="Print the library's state as JSON.")) -> None:
     """Show the state of a tuning run (its manifest.jsonl): done, failed and pending videos."""
     from vmc_fast.reporting import summary_table
-    from vmc_fast.runs.library import Manifest, RunSummary
+    from vmc_fast.runs.report import library_json, read_library
 
-    console = _console()
-    if not (out / "manifest.jsonl").is_file():
-        _fail(f"{out}: no manifest.jsonl; pass the --out folder of a `vmc-fast train` run", console)
-    summary = RunSummary(out_dir=out, entries=list(Manifest(out).read().values()))
+    console = _console(stderr=json_output)
+    try:
+        summary = read_library(out)
+        if json_output:
+            print(library_json(out))
+            return
+    except VmcError as exc:
+        _fail(str(exc), console)
     console.print(summary_table(summary))
     console.print(", ".join(f"{n} {s}" for s, n in sorted(summary.counts.items())))
+
+
+@library_app.command("report", epilog=LIBRARY_EXAMPLES)
+def library_report(out: Path = typer.Argument(Path("vmc-out"), help="A training output folder."),
+                   previews: bool = typer.Option(False, "--previews", help="Show each done video's reference "
+                                                 "clip beside a short sample rendered from its adapter (slow: "
+                                                 "loads the model)."),
+                   steps: int = typer.Option(4, "--steps", min=1, max=1000,
+                                             help="DDIM steps of each preview sample.")) -> None:
+    """Write DIR/report.html, a page that opens offline: one card per video (status, prompt, time, loss)."""
+    from vmc_fast.runs.report import write_report
+
+    console = _console()
+    try:
+        with _interruptible("the report was not written"):
+            path = write_report(out, previews=previews, steps=steps, on_card=lambda c: console.print(
+                f"preview {c.name}: {c.preview_error or 'done'}", soft_wrap=True, highlight=False, markup=False))
+    except (VmcError, ValueError) as exc:
+        _fail(str(exc), console)
+    console.print(f"[green]wrote[/] {escape(str(path))}", soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------ generate

@@ -40,6 +40,8 @@ RESIZE_MODES = ("crop", "squash")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 STRATEGIES = ("auto", "videos", "zero")
+ADAPTER_DTYPES = ("bf16", "fp32")
+"""How adapters are stored (`vmc_fast.tuning.adapters`): bf16 changes from the base, or fp32 tensors."""
 DEVICES = ("auto", "cpu", "cuda")
 OUTPUT_SUFFIXES = (".gif", ".mp4")
 # The config adds "auto" to the storage choices and hides the "math" attention reference.
@@ -267,6 +269,9 @@ class RunConfig:
     flying')."""
     out_dir: str = field(default="vmc-out", metadata=option("--out"))
     """Output folder: adapters/, manifest.jsonl, config.json."""
+    adapter_dtype: str = "bf16"
+    """How adapters are stored: bf16 (each tuned tensor's change from the base in bfloat16, half the size; the
+    reconstruction error is measured and recorded in the adapter) | fp32 (the tuned tensors themselves, exact)."""
     cache_dir: str = field(default_factory=default_cache_dir)
     """Prompt-embedding and latent cache (default: $VMC_FAST_CACHE or ~/.cache/vmc-fast)."""
     retune: bool = False
@@ -278,6 +283,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_field(bool(self.out_dir.strip()), "--out", "must not be empty")
+        check_field(self.adapter_dtype in ADAPTER_DTYPES, "--adapter-dtype",
+                    f"must be one of {', '.join(ADAPTER_DTYPES)}")
         if self.prompt is not None:
             self.prompt = normalized_prompt(self.prompt)
         check_field(self.prompt is None or bool(self.prompt), "--prompt", "must not be empty")

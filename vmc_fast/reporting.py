@@ -6,6 +6,7 @@ import io
 import logging
 import re
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from vmc_fast.config import RunConfig
 from vmc_fast.io.video import ClipInfo
-from vmc_fast.runs.library import Job, RunSummary, strict_json
+from vmc_fast.runs.library import Job, RunProgress, RunSummary, strict_json
 from vmc_fast.tuning.loop import StepStats
 
 
@@ -35,9 +36,11 @@ def peak_memory_text() -> str:
 
 
 class RichReporter:
-    """Draws one bar per video (steps) under one bar for the run (videos). Rich draws no live bar without a
-    terminal, so there (a log file, CI) it prints plain lines instead: one when a video starts, one at most every
-    PLAIN_PROGRESS_EVERY_S while it is tuned and one at its last step."""
+    """Draws one bar per video (steps) under one bar for the run (videos done of total, videos/hour, ETA; counted
+    from the manifest, so on rank 0 it counts every rank's videos). Rich draws no live bar without a terminal, so
+    there (a log file, CI) it prints plain lines instead: one when a video starts, one at most every
+    PLAIN_PROGRESS_EVERY_S while it is tuned and one at its last step, and one for the run whenever a video of
+    any rank finishes."""
 
     def __init__(self, console: Console, show_progress: bool = True):
         self.console = console
@@ -51,6 +54,9 @@ class RichReporter:
         self._video_task = None
         self._video_name = ""
         self._last_line = 0.0
+        self.run_progress: RunProgress | None = None
+        self._last_poll = 0.0
+        self._finished = 0
 
     def run_started(self, cfg: RunConfig, jobs: list[Job], num_skipped: int) -> None:
         saved = f"saved to {cfg.out_dir}/config.json" if jobs else "nothing to tune, nothing written"
@@ -63,7 +69,9 @@ class RichReporter:
                 self.console.print(f"prompt for {escape(job.video.name)}: [cyan]{escape(repr(job.prompt))}[/] "
                                    f"(derived from {escape(repr(job.source_prompt))})")
         self.progress.start()
-        self._run_task = self.progress.add_task("videos", total=len(jobs), loss="-", rate="", memory="")
+        self.run_progress = RunProgress(Path(cfg.out_dir).expanduser(), [str(j.video) for j in jobs], num_skipped)
+        self._run_task = self.progress.add_task("videos", total=self.run_progress.total, completed=num_skipped,
+                                                loss="-", rate="", memory="")
 
     def video_started(self, job: Job, index: int, total: int) -> None:
         if self._video_task is not None:
@@ -84,6 +92,8 @@ class RichReporter:
         self.progress.update(self._video_task, total=stats.num_steps, completed=stats.step,
                              loss=f"{stats.loss:.4f}", rate=f"{rate:.2f} steps/s", memory=memory)
         now = time.monotonic()
+        if now - self._last_poll >= RUN_POLL_EVERY_S:
+            self._update_run()
         if self.console.is_terminal or (now - self._last_line < PLAIN_PROGRESS_EVERY_S and
                                         stats.step < stats.num_steps):
             return
@@ -96,13 +106,26 @@ class RichReporter:
         self.console.print(line, soft_wrap=True, highlight=False, markup=False)  # one line, whatever the width
 
     def video_finished(self, job: Job, entry: dict) -> None:
-        self.progress.advance(self._run_task)
         if entry["status"] == "failed":
             self.progress.console.print(f"[red]failed[/] {escape(job.video.name)}: {escape(entry['error'])}",
                                         soft_wrap=True)
         else:
             self.progress.console.print(f"[green]done[/] {escape(job.video.name)} -> {escape(entry['adapter'])} "
                                         f"(final loss {entry['final_loss']:.4f}, {entry['seconds']:.1f} s)")
+        self._update_run()
+
+    def _update_run(self) -> None:
+        """Count the run's finished videos (every rank's) in the manifest; a plain line when that changed."""
+        if self.run_progress is None:
+            return
+        self._last_poll = time.monotonic()
+        run = self.run_progress.poll()
+        self.progress.update(self._run_task, completed=run.done + run.failed,
+                             description=f"videos · {run.rate_text()} · {run.eta_text()}")
+        if run.finished_now != self._finished:
+            self._finished = run.finished_now
+            if not self.console.is_terminal:
+                self._plain(run.line())
 
     def close(self) -> None:
         """Stop the live display if it was started (stopping one that never started prints a blank line)."""
@@ -231,6 +254,8 @@ class PhaseProgress:
 
 PLAIN_PROGRESS_EVERY_S = 60.0
 """Without a terminal (a log file, CI), long commands print a progress line at most this often."""
+RUN_POLL_EVERY_S = 5.0
+"""How often a run's display reads the manifest to count every rank's finished videos."""
 
 
 def units_progress(console: Console, description: str):

@@ -41,8 +41,9 @@ from vmc_fast.runs.library import (
     Reporter,
     RunSummary,
     plan_run,
+    rank_hold,
     run_jobs,
-    start_run,
+    running,
     summarize,
 )
 from vmc_fast.runtime import resolve_device
@@ -66,10 +67,11 @@ def train(cfg: RunConfig, reporter: Reporter | None = None) -> RunSummary:
     reporter = reporter or QuietReporter()
     # The session is built before anything is written: weights that cannot be loaded leave no folder behind.
     session = _session(cfg, str(resolve_device())) if plan.todo else None
-    out = start_run(cfg, plan)
-    reporter.run_started(cfg, plan.todo, plan.num_done)
-    if session is not None:
-        run_jobs(session, plan.todo, Manifest(out), reporter, tensorboard=cfg.tensorboard)
+    out = Path(cfg.out_dir).expanduser()
+    with running(cfg, plan) as plan:  # --out held; the plan made again under the hold
+        reporter.run_started(cfg, plan.todo, plan.num_done)
+        if session is not None and plan.todo:
+            run_jobs(session, plan.todo, Manifest(out), reporter, tensorboard=cfg.tensorboard)
     return summarize(out, plan.jobs)
 
 
@@ -107,20 +109,43 @@ def launch(cfg: RunConfig, plan: Plan) -> RunSummary:
     elif torch.cuda.device_count() < num_ranks:
         raise VmcError(f"--gpus {num_ranks}: only {torch.cuda.device_count()} CUDA devices are visible; "
                        f"lower --gpus or set CUDA_VISIBLE_DEVICES")
-    out = start_run(cfg, plan)
-    if not plan.todo:
-        return summarize(out, plan.jobs)
+    out = Path(cfg.out_dir).expanduser()
+    with running(cfg, plan) as plan:  # --out held until every rank has exited
+        if plan.todo:
+            _launch_ranks(cfg, plan, env, out)
+    return summarize(out, plan.jobs)
+
+
+def _launch_ranks(cfg: RunConfig, plan: Plan, env: dict, out: Path) -> None:
+    num_ranks = cfg.parallel.num_ranks
     with tempfile.TemporaryDirectory(prefix="vmc-fast-ranks-") as folder:
         plan_file = Path(folder) / "plan.json"
         plan_file.write_text(json.dumps({"config": cfg.to_dict(), "todo": [j.to_dict() for j in plan.todo],
                                          "num_done": plan.num_done, "strategy": plan.strategy}))
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={num_ranks}",
                    f"--master-port={_free_port()}", *WORKER_COMMAND, str(plan_file)]
-        returncode = _wait(subprocess.Popen(command, env=env))
+        returncode = _wait(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent(signal.SIGTERM)))
         if returncode != 0:
             raise VmcError(f"{num_ranks} ranks: {_rank_errors(Path(folder), returncode)}; the run stopped; "
                            f"finished videos are in {out}/manifest.jsonl; rerun the same command to resume")
-    return summarize(out, plan.jobs)
+
+
+def _die_with_parent(sig: int) -> Callable[[], None] | None:
+    """A preexec function that has the kernel send `sig` to the child when its parent dies (Linux
+    PR_SET_PDEATHSIG), so that killing `vmc-fast train`, even with SIGKILL, stops its ranks; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def preexec() -> None:
+        _set_parent_death_signal(sig)
+    return preexec
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 def _wait(process: subprocess.Popen) -> int:
@@ -168,10 +193,13 @@ def worker(plan_file: str, make_reporter: Callable[[int], Reporter]) -> None:
     backend = "nccl" if device != "cpu" else "gloo"
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     print(f"rank {rank} of {world_size}: {device}, backend {backend}", file=sys.stderr, flush=True)
+    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:  # started by torch.distributed.run
+        _set_parent_death_signal(signal.SIGKILL)  # the launcher gone: so is this rank
     try:
         todo = [Job.from_dict(job) for job in payload["todo"]]
-        run_rank(cfg, todo, make_reporter(rank), num_done=payload["num_done"], device=device, rank=rank,
-                 world_size=world_size, strategy=payload["strategy"])
+        with rank_hold(cfg.out_dir):
+            run_rank(cfg, todo, make_reporter(rank), num_done=payload["num_done"], device=device, rank=rank,
+                     world_size=world_size, strategy=payload["strategy"])
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt):
             message = str(exc) if isinstance(exc, (VmcError, ValueError)) else _one_line(exc)
@@ -197,7 +225,7 @@ def run_rank(cfg: RunConfig, todo: list[Job], reporter: Reporter, *, num_done: i
     """
     zero = strategy == "zero"
     mine = todo if zero else todo[rank::world_size]
-    reporter.run_started(cfg, mine, num_done)
+    reporter.run_started(cfg, todo, num_done)  # the whole run: rank 0's display counts every rank's videos
     if not mine:
         return
     manifest = Manifest(Path(cfg.out_dir).expanduser())

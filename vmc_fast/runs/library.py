@@ -7,7 +7,9 @@ decides its adapter), and the folder's manifest is compared with it. Only then i
 Resumable (videos already `done` with their adapter on disk, asked for with the same request, are skipped), a
 bad video is recorded as `failed` and never stops the rest, and nothing finished is lost: adapters are written
 atomically and the manifest is rewritten atomically under a file lock, so several ranks can share one output
-folder. A rerun that asks for something else for a video already tuned is refused unless --retune is given, so
+folder. A run holds --out (`running`): a second run on it is refused while the first lives, a killed run's
+leftovers (temporary files, lock files) are removed by the next one, and an adapter the killed run finished but
+did not record is recorded from its own metadata, never tuned or written again. A rerun that asks for something else for a video already tuned is refused unless --retune is given, so
 the folder's records always describe its adapters. Nothing here knows about ranks: `vmc_fast.runs.launch`
 decides which jobs a process runs and hands in the reporter.
 """
@@ -20,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import traceback
 from collections import Counter
 from contextlib import contextmanager
@@ -29,15 +32,20 @@ from typing import Any, Iterator, Protocol
 
 from vmc_fast.config import RunConfig, options
 from vmc_fast.errors import NonFiniteError, VmcError
-from vmc_fast.io.files import strict_json, write_text_atomic
+from vmc_fast.io.files import LockHeld, held_lock, remove_stale_temporaries, strict_json, write_text_atomic
 from vmc_fast.io.prompts import derive_prompt, resolve_prompt_sources
 from vmc_fast.io.video import ClipInfo, find_videos
 from vmc_fast.models.registry import ModelSpec, model_spec
+from vmc_fast.tuning.adapters import read_adapter, written_request
 from vmc_fast.tuning.loop import StepStats
 
 MANIFEST = "manifest.jsonl"
 CONFIG = "config.json"
 """The run's whole RunConfig, paths absolute: `vmc-fast train --config DIR/config.json` reruns it."""
+RUN_LOCK = ".vmc-fast-run.lock"
+"""Held (flock) by the process that runs `vmc-fast train` on a folder, for the whole run."""
+RANKS_LOCK = ".vmc-fast-ranks.lock"
+"""Held shared by every launched rank while it lives: a rank that outlived its launcher keeps the folder busy."""
 
 
 @dataclass
@@ -102,6 +110,74 @@ class RunSummary:
         return all(e["status"] == "done" for e in self.entries)
 
 
+@dataclass
+class RunProgress:
+    """Where a whole run stands, from the manifest (so rank 0 sees every rank's videos): for progress displays.
+
+    `poll` reads the manifest; rate and ETA count the videos this run finished since `started` (time.monotonic).
+    """
+
+    out_dir: Path
+    videos: list[str]
+    """The videos this run tunes (their manifest keys)."""
+    num_before: int = 0
+    """Videos of the run already done before it started."""
+    started: float = field(default_factory=time.monotonic)
+    """When the run started (time.monotonic)."""
+    done: int = 0
+    """Videos done, those done before the run included."""
+    failed: int = 0
+    """Videos of this run recorded failed."""
+
+    @property
+    def total(self) -> int:
+        return self.num_before + len(self.videos)
+
+    @property
+    def finished_now(self) -> int:
+        """Videos this run finished (done or failed)."""
+        return self.done - self.num_before + self.failed
+
+    def poll(self) -> "RunProgress":
+        """Count the run's done and failed videos in the manifest now; returns self."""
+        entries = Manifest(self.out_dir).read()
+        statuses = Counter(entries.get(v, {}).get("status") for v in self.videos)
+        self.done, self.failed = self.num_before + statuses["done"], statuses["failed"]
+        return self
+
+    def per_hour(self, now: float | None = None) -> float | None:
+        """Videos finished per hour in this run; None before the first."""
+        elapsed = (now or time.monotonic()) - self.started
+        return self.finished_now * 3600 / elapsed if self.finished_now and elapsed > 0 else None
+
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        rate = self.per_hour(now)
+        remaining = self.total - self.done - self.failed
+        return 0.0 if remaining <= 0 else (remaining * 3600 / rate if rate else None)
+
+    def rate_text(self, now: float | None = None) -> str:
+        """``12.0 videos/hour`` (``- videos/hour`` before the first video finished)."""
+        rate = self.per_hour(now)
+        return f"{rate:.1f} videos/hour" if rate else "- videos/hour"
+
+    def eta_text(self, now: float | None = None) -> str:
+        """``ETA 35 min``, ``ETA 2.5 h``, ``ETA -`` (unknown)."""
+        return f"ETA {_duration(self.eta_seconds(now))}"
+
+    def line(self, now: float | None = None) -> str:
+        """``videos 3/10 done, 1 failed, 12.0 videos/hour, ETA 35 min``."""
+        failed = f", {self.failed} failed" if self.failed else ""
+        return f"videos {self.done}/{self.total} done{failed}, {self.rate_text(now)}, {self.eta_text(now)}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 # --------------------------------------------------------------------------------------------- manifest
 
 
@@ -127,6 +203,8 @@ class Manifest:
         with self._locked():
             entries = self.read()
             entry = {**entries.get(str(video), {"video": str(video)}), **fields}
+            if "recovered" not in fields:  # says how this entry became done, not an earlier one
+                entry.pop("recovered", None)
             if entry.get("status") != "failed":
                 entry.pop("error", None)
                 entry.pop("nonfinite_step", None)
@@ -170,14 +248,20 @@ class Plan:
     """The model's sizes and schedule."""
     strategy: str
     """``videos`` or ``zero`` (``auto`` resolved)."""
+    recovered: list[Job] = field(default_factory=list)
+    """Jobs not recorded `done` whose adapter is on disk with this run's request (a run killed between writing
+    the adapter and recording it): `running` records them from the adapter, nothing is tuned again."""
 
     @property
     def num_done(self) -> int:
         return len(self.jobs) - len(self.todo)
 
 
-def plan_run(cfg: RunConfig) -> Plan:
+def plan_run(cfg: RunConfig, *, held: bool = False) -> Plan:
     """Check everything that can be checked without weights, and decide the jobs; writes nothing.
+
+    held: this process holds --out already (`running` plans again under its hold); otherwise a live run holding
+    it is refused here.
 
     Raises ValueError naming an option that does not fit the model, and VmcError for an unknown model, unusable
     videos, an output folder that cannot be written, or videos of --out tuned with another request (unless
@@ -190,6 +274,8 @@ def plan_run(cfg: RunConfig) -> Plan:
     spec = model_spec(cfg.model.model_id)
     check_against_model(cfg, spec)
     check_out_dir(cfg)
+    if not held:
+        check_not_running(Path(cfg.out_dir).expanduser())
     manifest = Manifest(Path(cfg.out_dir).expanduser())
     entries = manifest.read()
     jobs = plan_jobs(cfg, entries)
@@ -201,7 +287,13 @@ def plan_run(cfg: RunConfig) -> Plan:
     todo, changed = pending_jobs(jobs, manifest)
     if changed and not cfg.retune:
         raise VmcError(_changed_message(cfg, changed))
-    return Plan(jobs=jobs, todo=todo, spec=spec, strategy=strategy)
+    recovered = [job for job in todo if _finished_unrecorded(job, entries)]
+    todo = [job for job in todo if job not in recovered]
+    return Plan(jobs=jobs, todo=todo, spec=spec, strategy=strategy, recovered=recovered)
+
+
+def _finished_unrecorded(job: Job, entries: dict[str, dict]) -> bool:
+    return entries.get(str(job.video), {}).get("status") != "done" and written_request(job.adapter) == job.request_hash
 
 
 def resolve_strategy(cfg: RunConfig, num_videos: int) -> str:
@@ -321,14 +413,85 @@ def prepare_out_dir(cfg: RunConfig) -> Path:
     return out
 
 
-def start_run(cfg: RunConfig, plan: Plan) -> Path:
-    """After every check passed: create --out, save config.json, record the jobs to tune as `pending`. A rerun
-    with nothing to tune writes nothing."""
+@contextmanager
+def running(cfg: RunConfig, plan: Plan) -> Iterator[Plan]:
+    """Hold --out for a run and yield its plan, made again under the hold (a run that ended meanwhile changed
+    the manifest). With nothing to tune or record, nothing is written or held.
+
+    Under the hold: temporary files a killed run left in --out and in the cache are removed, adapters it finished
+    but did not record are recorded `done` (`Plan.recovered`), config.json is saved and the jobs to tune are
+    recorded `pending`. On the way out the lock files are removed. Raises VmcError when another run holds --out,
+    or ranks of an earlier run are still alive.
+    """
+    if not plan.todo and not plan.recovered:
+        yield plan
+        return
     out = Path(cfg.out_dir).expanduser()
-    if plan.todo:
-        prepare_out_dir(cfg)
-        mark_pending(plan.todo, Manifest(out))
-    return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VmcError(f"--out {out}: not writable ({exc.strerror or exc}); choose a folder you can write to") from exc
+    with _holding(out):
+        plan = plan_run(cfg, held=True)
+        for folder, depth in ((out, 2), (Path(cfg.cache_dir).expanduser(), 1)):
+            remove_stale_temporaries(folder, depth)
+        manifest = Manifest(out)
+        for job in plan.recovered:
+            record_recovered(job, manifest)
+        if plan.todo:
+            prepare_out_dir(cfg)
+            mark_pending(plan.todo, manifest)
+        try:
+            yield plan
+        finally:
+            for name in (f".{MANIFEST}.lock", RANKS_LOCK):
+                (out / name).unlink(missing_ok=True)
+
+
+def check_not_running(out: Path) -> None:
+    """VmcError when a live run holds `out` (writes nothing; `running` takes the hold itself). Checked while
+    planning, so a second run is refused before it loads any weights."""
+    if (out / RUN_LOCK).is_file():
+        with _holding(out, remove=False, ranks=False):
+            pass
+
+
+@contextmanager
+def _holding(out: Path, remove: bool = True, ranks: bool = True) -> Iterator[None]:
+    try:
+        with held_lock(out / RUN_LOCK, remove=remove, record=remove):
+            if ranks:
+                with held_lock(out / RANKS_LOCK, remove=False):
+                    pass  # no rank of an earlier run is alive
+            yield
+    except LockHeld as exc:
+        who = "ranks of an earlier run are still running" if exc.path.name == RANKS_LOCK else \
+            f"another vmc-fast train is running on it ({exc.holder or 'a live process'})"
+        raise VmcError(f"--out {out}: {who}; wait for it to finish (or stop it), or choose another --out") from None
+
+
+@contextmanager
+def rank_hold(out_dir: str | Path) -> Iterator[None]:
+    """Held by a launched rank while it runs: keeps --out busy for the next run if the rank outlives its
+    launcher (VmcError when a run is starting on the folder at that moment). Holds nothing when the folder does
+    not exist (a rank started by hand, without a launcher)."""
+    out = Path(out_dir).expanduser()
+    if not out.is_dir():
+        yield
+        return
+    try:
+        with held_lock(out / RANKS_LOCK, shared=True, remove=False):
+            yield
+    except LockHeld as exc:
+        raise VmcError(f"--out {out_dir}: another run is starting on it ({exc.holder})") from None
+
+
+def record_recovered(job: Job, manifest: Manifest) -> dict:
+    """Record `done` a job whose adapter a killed run wrote but did not record, from the adapter's metadata."""
+    _, info = read_adapter(job.adapter)
+    return manifest.update(job.video, status="done", adapter=str(job.adapter.resolve()), final_loss=info.final_loss,
+                           steps=info.steps, prompt=job.prompt, adapter_name=job.adapter.stem, request=job.request,
+                           request_hash=job.request_hash, source_prompt=job.source_prompt, recovered=True)
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -461,7 +624,7 @@ def _request_changes(job: Job, entry: dict) -> list[str]:
     if "request_hash" not in entry:  # a manifest from before request keys: compare what it recorded
         legacy = {"prompt": entry.get("prompt"), "train.steps": entry.get("steps", job.request.get("train.steps"))}
         return describe_changes(legacy, {k: job.request.get(k) for k in legacy})
-    written = _adapter_request_hash(job.adapter)
+    written = written_request(job.adapter)
     if written is not None and written != entry["request_hash"]:
         return [f"{job.adapter.name} was written by another run (request {written}, manifest "
                 f"{entry['request_hash']})"]
@@ -475,18 +638,6 @@ def _request_changes(job: Job, entry: dict) -> list[str]:
 
 def _default_settings() -> dict[str, Any]:
     return json.loads(json.dumps(dict(_fields(RunConfig()))))
-
-
-def _adapter_request_hash(path: Path) -> str | None:
-    """The request hash in an adapter file's metadata (None: not recorded, or unreadable)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            extra = json.loads((handle.metadata() or {}).get("extra", "{}"))
-    except Exception:  # a file we cannot read is not ours to judge here; loading it will say what is wrong
-        return None
-    return extra.get("request_hash")
 
 
 def mark_pending(jobs: list[Job], manifest: Manifest) -> None:

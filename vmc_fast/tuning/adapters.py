@@ -1,8 +1,17 @@
-"""Motion adapters: safetensors files of the tuned tensors under the base model's own names, plus metadata.
+"""Motion adapters: safetensors files under the base model's own tensor names, plus metadata.
+
+Two storages (metadata ``storage``; files without it are ``full``):
+- ``delta`` (the default, ``--adapter-dtype bf16``): each tensor holds the change W - W0 from the base value W0
+  in bfloat16, half the bytes of full fp32 tensors (Show-1: 134,553,600 tuned values, 538 MB -> 269 MB). Loading
+  adds it to the base value. The reconstruction error of W0 + bf16(W - W0) against the tuned W is measured when
+  the file is written and recorded (``reconstruction``: relative to the change's norm, and the largest absolute
+  error of a weight). The base values of the tuned tensors travel as a `BaseReference` too.
+- ``full`` (``--adapter-dtype fp32``, and every adapter written before 2026-12): the tuned tensors themselves, fp32.
 
 Files are written atomically (temporary file in the same folder, fsync, rename), so a crash never leaves a
-half-written adapter. What the base model's frozen weights were travels in the metadata (`BaseReference`: a hash
-of their names and shapes, and a few sampled values of each); loading into another base model is refused.
+half-written adapter, and an adapter already written for the same request is never rewritten (write-once). What
+the base model's frozen weights were travels in the metadata (`BaseReference`: a hash of their names and shapes,
+and a few sampled values of each); loading into another base model is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from vmc_fast.io.files import atomic_save_file
 
 FORMAT = "vmc-fast-motion-adapter/1"
 _SAMPLES_PER_TENSOR = 16
+STORAGES = {"bf16": "delta", "fp32": "full"}
+"""--adapter-dtype -> how the tensors are stored: bf16 changes from the base, or the fp32 tensors themselves."""
 
 
 def base_fingerprint(unet: nn.Module, exclude: set[str] | frozenset[str] = frozenset(), legacy: bool = False) -> str:
@@ -101,9 +112,14 @@ def _sample(tensor: torch.Tensor, count: int) -> torch.Tensor:
 def base_reference(unet: nn.Module, exclude: set[str] | frozenset[str] = frozenset()) -> BaseReference:
     """The `BaseReference` of `unet` without the tensors named in `exclude` (the adapter's own). Independent of
     the storage dtype (values are compared with a tolerance) and of the device."""
+    return tensors_reference(_frozen_tensors(unet, exclude))
+
+
+def tensors_reference(tensors: list[tuple[str, torch.Tensor]]) -> BaseReference:
+    """The `BaseReference` of (name, tensor) pairs in the order given (`base_reference` sorts them by name)."""
     structure = hashlib.sha256()
     samples = []
-    for name, tensor in _frozen_tensors(unet, exclude):
+    for name, tensor in tensors:
         structure.update(f"{name}:{tuple(tensor.shape)};".encode())
         count = min(_VALUES_PER_TENSOR, tensor.numel())
         if tensor.device.type == "meta":
@@ -158,6 +174,13 @@ class AdapterInfo:
     encoded_prompt: str | None = None
     """The part of `prompt` the text encoder read (shorter when the prompt was longer than it reads); None when
     not recorded."""
+    storage: str = "full"
+    """``full``: the tensors are the tuned values; ``delta``: they are changes from the base values (bf16)."""
+    reconstruction: dict = field(default_factory=dict)
+    """A delta adapter's error measured when written: ``relative_error`` (||W0 + d - W||_F / ||W - W0||_F over all
+    tensors), ``max_abs_error`` (max |W0 + d - W|), ``dtype``; {} for full adapters."""
+    delta_base: BaseReference | None = None
+    """A delta adapter's reference of the base values W0 of its own tensors (names sorted); None for full ones."""
 
     @property
     def prompt_truncated(self) -> bool:
@@ -165,7 +188,8 @@ class AdapterInfo:
 
     def summary(self) -> dict:
         """The metadata as JSON-ready values, without the sampled base values (for sidecars and reports)."""
-        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "base_reference"}
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("base_reference", "delta_base")}
         record["base_structure"] = self.base_reference.structure if self.base_reference is not None else None
         record["prompt_truncated"] = self.prompt_truncated
         return record
@@ -181,12 +205,22 @@ def sampled_frames(sampling) -> list[int]:
 def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], *, base_model: str, fingerprint: str,
                  prompt: str, steps: int, final_loss: float, loss: str, num_frames: int, height: int, width: int,
                  extra: dict | None = None, base: BaseReference | None = None, sampling: dict | None = None,
-                 encoded_prompt: str | None = None) -> Path:
+                 encoded_prompt: str | None = None, base_tensors: dict[str, torch.Tensor] | None = None,
+                 dtype: str = "fp32") -> Path:
     """Write the tuned tensors (name -> tensor, base model names) and metadata atomically.
 
     `base` (from `base_reference` before any requantising) lets the adapter load into the same base stored in
     any dtype; without it only `fingerprint` is checked. `sampling` and `encoded_prompt`: see AdapterInfo.
+    dtype ``bf16`` stores each tensor as its change from `base_tensors` (the same names: the values before
+    tuning) in bfloat16 and records the reconstruction error; ``fp32`` stores the tensors themselves. An adapter
+    already at `path` with the same ``extra["request_hash"]`` (not None) is kept as it is (write-once).
+    Raises ValueError for another dtype, or bf16 without the base value of every tensor.
     """
+    if dtype not in STORAGES:
+        raise ValueError(f"--adapter-dtype {dtype}: must be one of {', '.join(STORAGES)}")
+    request = (extra or {}).get("request_hash")
+    if request is not None and written_request(path) == request:
+        return Path(path)  # written by an earlier run for the same request: finished adapters are never rewritten
     metadata = {
         "format": FORMAT,
         "base_model": base_model,
@@ -202,13 +236,57 @@ def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], *, base_mod
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "extra": json.dumps(extra or {}, sort_keys=True),
         "sampling": json.dumps(sampling or {}, sort_keys=True),
+        "storage": STORAGES[dtype],
     }
     if base is not None:
         metadata.update(base_structure=base.structure, base_samples=base.encode())
     if encoded_prompt is not None:
         metadata["encoded_prompt"] = encoded_prompt
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if dtype == "bf16":
+        tensors, reconstruction, delta_base = delta_tensors(tensors, base_tensors or {})
+        metadata.update(reconstruction=json.dumps(reconstruction, sort_keys=True),
+                        delta_base_structure=delta_base.structure, delta_base_samples=delta_base.encode())
     return atomic_save_file(tensors, path, metadata)
+
+
+def delta_tensors(tensors: dict[str, torch.Tensor], base_tensors: dict[str, torch.Tensor],
+                  dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, torch.Tensor], dict, BaseReference]:
+    """(name -> bf16 change d = W - W0, the reconstruction error of W0 + d against W, the `BaseReference` of the
+    W0 by sorted name). Errors are measured in float64 on the CPU; the relative error is over all tensors,
+    ||W0 + d - W||_F / ||W - W0||_F (0 when nothing changed). ValueError when a base value is missing or
+    mis-shaped."""
+    missing = [n for n in tensors if n not in base_tensors or base_tensors[n].shape != tensors[n].shape]
+    if missing:
+        raise ValueError(f"a bf16 delta adapter needs the base value of every tuned tensor; {len(missing)} missing "
+                         f"or mis-shaped (e.g. {missing[0]})")
+    deltas, lost, total, worst = {}, 0.0, 0.0, 0.0
+    for name, tuned in tensors.items():
+        before = base_tensors[name].detach().to("cpu", torch.float64)
+        change = tuned.double() - before
+        deltas[name] = change.to(dtype).contiguous()
+        # W0 + d in float32, as apply_adapter adds them
+        error = (base_tensors[name].to("cpu", torch.float32) + deltas[name].float()).double() - tuned.double()
+        lost, total = lost + error.square().sum().item(), total + change.square().sum().item()
+        worst = max(worst, error.abs().max().item() if error.numel() else 0.0)
+    reference = tensors_reference([(n, base_tensors[n]) for n in sorted(tensors)])
+    reconstruction = {"dtype": str(dtype).removeprefix("torch."), "max_abs_error": worst,
+                      "relative_error": (lost / total) ** 0.5 if total > 0 else 0.0}
+    return deltas, reconstruction, reference
+
+
+def written_request(path: str | Path) -> str | None:
+    """The request hash recorded in the adapter at `path` (None: no file, not recorded, or unreadable)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            extra = json.loads((handle.metadata() or {}).get("extra", "{}"))
+    except Exception:  # a file we cannot read is not ours to judge here; loading it will say what is wrong
+        return None
+    return extra.get("request_hash")
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], AdapterInfo]:
@@ -235,7 +313,13 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], AdapterInfo
         base_reference=BaseReference.decode(meta["base_structure"], meta["base_samples"])
         if "base_samples" in meta else None,
         sampling=json.loads(meta.get("sampling", "{}")), encoded_prompt=meta.get("encoded_prompt"),
+        storage=meta.get("storage", "full"), reconstruction=json.loads(meta.get("reconstruction", "{}")),
+        delta_base=BaseReference.decode(meta["delta_base_structure"], meta["delta_base_samples"])
+        if "delta_base_samples" in meta else None,
     )
+    if info.storage not in STORAGES.values():
+        raise VmcError(f"adapter {path}: unknown storage {info.storage!r} (written by a newer vmc-fast?); upgrade "
+                       f"vmc-fast")
     return tensors, info
 
 
@@ -247,6 +331,11 @@ def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None 
     or frozen weights that differ from the adapter's `BaseReference` beyond BASE_RTOL/BASE_ATOL, whatever dtype
     either copy is stored in. Adapters without a BaseReference (written before 2026-12) are checked by their
     fingerprint hash (`base_fingerprint`, current or legacy scheme), which `fingerprint` may pass when known.
+
+    A delta adapter (bf16 changes) sets each tensor to W0 + d, W0 being the base value: the value the tensor had
+    before the first adapter was applied to this `unet` (kept on the CPU, see `_base_values`), so applying one
+    adapter after another gives the last one, as full adapters do. Its W0 must match the adapter's
+    `AdapterInfo.delta_base` within the same tolerance, else it is refused too.
     """
     tensors, info = read_adapter(path)
     bad = [name for name, value in tensors.items() if not torch.isfinite(value).all()]
@@ -272,7 +361,38 @@ def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None 
         raise VmcError(f"adapter {path} was made for base model {info.base_model} (fingerprint "
                        f"{info.base_fingerprint}), not this one: {difference}; load it into the model it was "
                        f"trained on")
+    base_values = _base_values(unet, params, tensors)
+    if info.storage == "delta":
+        tensors = _reconstructed(path, info, tensors, base_values)
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
     return info
+
+
+_BASE_VALUES = "_vmc_fast_base_values"
+"""Attribute of a UNet holding {name: CPU copy} of the values its adapted tensors had before any adapter."""
+
+
+def _base_values(unet: nn.Module, params: dict[str, nn.Parameter], names) -> dict[str, torch.Tensor]:
+    """The base value of each of `names` in `unet`: kept from before the first adapter touched it (a CPU copy,
+    made now for tensors no adapter has touched yet)."""
+    kept = unet.__dict__.setdefault(_BASE_VALUES, {})
+    for name in names:
+        if name not in kept:
+            kept[name] = params[name].detach().to("cpu", copy=True)
+    return {name: kept[name] for name in names}
+
+
+def _reconstructed(path, info: AdapterInfo, deltas: dict[str, torch.Tensor],
+                   base_values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W0 + d of each delta, float32 (VmcError when the W0 are not the adapter's base values)."""
+    if info.delta_base is not None:
+        names = sorted(deltas)
+        now = tensors_reference([(n, base_values[n]) for n in names])
+        close = now.samples.shape == info.delta_base.samples.shape and np.isclose(
+            now.samples, info.delta_base.samples, rtol=BASE_RTOL, atol=BASE_ATOL, equal_nan=True).all()
+        if now.structure != info.delta_base.structure or not close:
+            raise VmcError(f"adapter {path} was made for base model {info.base_model}, not this one: the base values "
+                           f"of its tuned tensors differ; load it into the model it was trained on")
+    return {name: base_values[name].float() + delta.float() for name, delta in deltas.items()}

@@ -222,8 +222,15 @@ class TuningSession:
                    "loss_formula": loss_formula(self.cfg.train.loss, self.cfg.train.loss_weight),
                    "skipped_steps": result.skipped_steps, "request_hash": request_hash},
             base=self.base, sampling=self.sampling_record(video, clip),
-            encoded_prompt=self.encoded_prompts.get(prompt),
+            encoded_prompt=self.encoded_prompts.get(prompt), dtype=self.cfg.adapter_dtype,
+            base_tensors=self.base_tensors(),
         )
+
+    def base_tensors(self) -> dict[str, torch.Tensor]:
+        """The base value of every tuned tensor, by the names `trainable_state` gives (what delta adapters are
+        the changes from)."""
+        names = [name for name, p in self.backbone.unet.named_parameters() if p.requires_grad]
+        return dict(zip(names, self._initial))
 
     def sampling_record(self, video: Path | None, clip: ClipInfo | None = None) -> dict:
         """How frames are taken from `video`: every sampling setting of the run (all DataConfig fields but
