@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from conftest import moving_square_frames, write_video
 from vmc_fast.cli import app
-from vmc_fast.runs.report import REPORT, metrics_path, read_metrics
+from vmc_fast.runs.metrics import metrics_path, read_metrics
+from vmc_fast.runs.report import REPORT
 
 runner = CliRunner()
 PROMPT = "a square moving right"

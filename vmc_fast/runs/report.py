@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,34 +22,13 @@ import torch
 from vmc_fast.errors import VmcError
 from vmc_fast.io.files import write_text_atomic
 from vmc_fast.runs.library import MANIFEST, Manifest, RunSummary, strict_json
+from vmc_fast.runs.metrics import metrics_path, read_metrics
 
 REPORT = "report.html"
-METRICS = "metrics.jsonl"
 PREVIEW_STEPS = 4
 """DDIM steps (inversion and sampling) of a preview: a glance at the motion, not a finished video."""
 PREVIEW_SIZE = 128
 """Previews are scaled up (nearest neighbour) to at least this many pixels on their shorter side."""
-
-
-def metrics_path(out_dir: Path, adapter_name: str) -> Path:
-    """Where a run writes a video's per-step metrics: ``DIR/<adapter name>/metrics.jsonl``."""
-    return Path(out_dir) / adapter_name / METRICS
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The JSON objects of a metrics file, one per line, in order; [] when it does not exist. A line that does not
-    parse (the last one of a killed run) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -113,7 +91,10 @@ def cards(summary: RunSummary) -> list[Card]:
     result = []
     for entry in summary.entries:
         name = adapter_name(entry)
-        records = read_metrics(metrics_path(summary.out_dir, name)) if name else []
+        try:
+            records = read_metrics(metrics_path(summary.out_dir, name)) if name else []
+        except ValueError:  # a damaged metrics file costs the curve, never the report
+            records = []
         losses = [(int(r.get("step", i + 1)), float(r["loss"])) for i, r in enumerate(records)
                   if isinstance(r.get("loss"), (int, float))]
         result.append(Card(entry=entry, losses=losses))
