@@ -365,7 +365,54 @@ def test_a_clip_too_short_for_the_adapters_sampling_says_where_it_came_from(tmp_
     adapter, _ = tuned_on_a_sampled_clip
     short = _grey_clip(tmp_path / "short", num_frames=20)
     with pytest.raises(VmcError, match=r"has 20 frames but 43 are needed.*generate took --frame-stride 4, "
-                                       r"--resize crop, --start-frame 30, --reverse from the adapter"):
+                                       r"--resize crop, --start-frame 30, --reverse, --background white from the "
+                                       r"adapter"):
         _inverted_levels(tmp_path, adapter, short)
     levels, _ = _inverted_levels(tmp_path, adapter, short, start_frame=0)
     assert levels == [3 * i for i in (12, 8, 4, 0)]
+
+
+def _transparent_clip(folder, num_frames: int = 6):
+    """A frame folder of fully transparent frames whose hidden colour is magenta: only --background shows."""
+    from conftest import write_frame_folder
+
+    frames = np.zeros((num_frames, 16, 16, 4), dtype=np.uint8)
+    frames[..., 0] = frames[..., 2] = 255  # magenta under alpha 0
+    return write_frame_folder(folder, frames)
+
+
+def test_generate_composites_onto_the_background_the_adapter_was_tuned_with(tmp_path):
+    from vmc_fast.config import DataConfig, RunConfig, TrainConfig
+    from vmc_fast.tuning.session import TuningSession
+
+    clip = _transparent_clip(tmp_path / "rgba")
+    cfg = RunConfig(data=DataConfig(videos=str(clip), num_frames=4, height=16, width=16, background="black"),
+                    train=TrainConfig(steps=1), prompt="a fade", out_dir=str(tmp_path / "out"),
+                    cache_dir=str(tmp_path / "cache"))
+    session = TuningSession(cfg)
+    with pytest.warns(UserWarning, match="transparent"):
+        adapter = session.tune_video(clip, cfg.prompt, session.prompt_embeddings([cfg.prompt])[cfg.prompt],
+                                     tmp_path / "a.safetensors").adapter
+    with pytest.warns(UserWarning, match="#000000"):
+        levels, sidecar = _inverted_levels(tmp_path, adapter, clip)
+    assert levels == [0, 0, 0, 0] and sidecar["inverted"]["sampling"]["background"] == "black"
+    with pytest.warns(UserWarning, match="#ffffff"):
+        levels, _ = _inverted_levels(tmp_path, adapter, clip, background="white")  # the option overrides
+    assert levels == [255, 255, 255, 255]
+
+
+def test_generate_samples_by_time_at_the_rate_the_adapter_was_tuned_at(tmp_path):
+    """train --fps is recorded as the sampling's `fps`; generate's field for it is `sample_fps`."""
+    from types import SimpleNamespace
+
+    from vmc_fast.inference.generate import resolve_sampling
+
+    info = SimpleNamespace(sampling={"fps": 15.0, "background": "gray", "start_frame": 2}, extra={})
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"")  # resolve_sampling reads only the adapter's record
+    cfg = resolve_sampling(GenerateConfig(prompt="p", video=str(video)), info)
+    assert (cfg.sample_fps, cfg.background, cfg.start_frame) == (15.0, "gray", 2)
+    cfg = resolve_sampling(GenerateConfig(prompt="p", video=str(video), sample_fps=30.0, background="black"), info)
+    assert (cfg.sample_fps, cfg.background) == (30.0, "black")
+    untouched = resolve_sampling(GenerateConfig(prompt="p", video=str(video)), SimpleNamespace(sampling={}, extra={}))
+    assert (untouched.sample_fps, untouched.background) == (None, "white")

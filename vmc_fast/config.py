@@ -110,7 +110,8 @@ class FrameOptions:
     black | gray | #RRGGBB."""
 
     def __post_init__(self) -> None:
-        background_rgb(self.background)
+        if self.background is not None:  # None: generate takes the adapter's
+            background_rgb(self.background)
         check_field(self.num_frames is None or 2 <= self.num_frames <= 64, "--frames", "must be between 2 and 64")
         for name in ("height", "width"):
             value = getattr(self, name)
@@ -378,6 +379,9 @@ class GenerateConfig(FrameOptions):
     """--video: first source frame; default: the adapter's (as it was tuned), else 0."""
     reverse: bool | None = field(default=None, metadata=option("--reverse/--no-reverse"))
     """--video: play the clip backwards (or not); default: the adapter's (as it was tuned), else forwards."""
+    background: str | None = None
+    """--video: colour transparent pixels are composited onto (white | black | gray | #RRGGBB); default: the
+    adapter's (as it was tuned), else white."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -437,8 +441,11 @@ def normalized_prompt(text: str) -> str:
     return normalize_prompt(text)
 
 
-GENERATE_SAMPLING_DEFAULTS = {"frame_stride": 1, "resize": "crop", "start_frame": 0, "reverse": False}
+GENERATE_SAMPLING_DEFAULTS = {"frame_stride": 1, "resize": "crop", "start_frame": 0, "reverse": False,
+                              "background": "white", "sample_fps": None}
 """`vmc-fast generate --video` sampling without the option and without an adapter that records it."""
+RECORDED_AS = {"sample_fps": "fps"}
+"""GenerateConfig sampling fields that an adapter's sampling record (train's DataConfig) holds under another name."""
 
 
 # ------------------------------------------------------------------------------------------------ exporting

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vmc_fast import __version__
-from vmc_fast.config import GENERATE_SAMPLING_DEFAULTS, GenerateConfig
+from vmc_fast.config import GENERATE_SAMPLING_DEFAULTS, RECORDED_AS, GenerateConfig
 from vmc_fast.errors import VmcError
 from vmc_fast.inference.ddim import (
     StepCallback,
@@ -132,15 +132,16 @@ def resolve_model(cfg: GenerateConfig) -> GenerateConfig:
 
 
 def resolve_sampling(cfg: GenerateConfig, info) -> GenerateConfig:
-    """--video sampling (start_frame, frame_stride, reverse, resize) filled in: each option given, else the
-    adapter's record of how its training frames were taken, else GENERATE_SAMPLING_DEFAULTS. Without --video
-    the config is returned unchanged."""
+    """--video sampling (start_frame, frame_stride, reverse, resize, background, sample_fps) filled in: each option
+    given, else the adapter's record of how its training frames were taken, else GENERATE_SAMPLING_DEFAULTS.
+    Without --video the config is returned unchanged."""
     if cfg.video is None:
         return cfg
     recorded = dict(info.sampling) if info is not None else {}
     if info is not None and "reverse" in info.extra:  # adapters before 2026-12 recorded only this one
         recorded.setdefault("reverse", info.extra["reverse"])
-    values = {name: getattr(cfg, name) if getattr(cfg, name) is not None else recorded.get(name, default)
+    values = {name: getattr(cfg, name) if getattr(cfg, name) is not None
+              else recorded.get(RECORDED_AS.get(name, name), default)
               for name, default in GENERATE_SAMPLING_DEFAULTS.items()}
     return dataclasses.replace(cfg, **values)
 
@@ -256,7 +257,7 @@ def _starting_point(cfg: GenerateConfig, backbone, states: dict[str, torch.Tenso
     except VmcError as exc:
         if not from_adapter:
             raise
-        taken = ", ".join(_as_option(name, getattr(cfg, name)) for name in from_adapter)
+        taken = ", ".join(_as_option(name, getattr(cfg, name)) for name in from_adapter if getattr(cfg, name) is not None)
         raise VmcError(f"{exc} (generate took {taken} from the adapter, as it was tuned; pass them to override)") \
             from exc
     x_T = invert_clip(backbone, backbone.encode_pixels(pixels.unsqueeze(0).to(device)).float(), states["inversion"],
