@@ -383,16 +383,19 @@ def _transparent_clip(folder, num_frames: int = 6):
 
 def test_generate_composites_onto_the_background_the_adapter_was_tuned_with(tmp_path):
     from vmc_fast.config import DataConfig, RunConfig, TrainConfig
+    from vmc_fast.tuning.adapters import read_adapter
     from vmc_fast.tuning.session import TuningSession
 
     clip = _transparent_clip(tmp_path / "rgba")
-    cfg = RunConfig(data=DataConfig(videos=str(clip), num_frames=4, height=16, width=16, background="black"),
+    cfg = RunConfig(data=DataConfig(videos=str(clip), num_frames=4, height=16, width=16, background="black",
+                                    fps=10),  # ignored: a frame folder has no times
                     train=TrainConfig(steps=1), prompt="a fade", out_dir=str(tmp_path / "out"),
                     cache_dir=str(tmp_path / "cache"))
     session = TuningSession(cfg)
     with pytest.warns(UserWarning, match="transparent"):
         adapter = session.tune_video(clip, cfg.prompt, session.prompt_embeddings([cfg.prompt])[cfg.prompt],
                                      tmp_path / "a.safetensors").adapter
+    assert read_adapter(adapter)[1].sampling["fps"] is None  # recorded as taken: by index
     with pytest.warns(UserWarning, match="#000000"):
         levels, sidecar = _inverted_levels(tmp_path, adapter, clip)
     assert levels == [0, 0, 0, 0] and sidecar["inverted"]["sampling"]["background"] == "black"

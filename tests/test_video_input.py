@@ -474,7 +474,8 @@ def test_a_constant_rate_clip_gives_no_timing_warning(square_video):
 def test_fps_on_a_frame_folder_is_ignored_with_a_warning(tmp_path):
     folder = _grey_folder(tmp_path / "frames", [f"{i}.png" for i in range(4)])
     with pytest.warns(VmcWarning, match="--fps: ignored for frame folder"):
-        load_clip(folder, FrameSampling(4, None, None, fps=10))
+        _, info = read_clip(folder, FrameSampling(4, None, None, fps=10))
+    assert info.timing == "index" and "sampled at" not in info.summary()  # what was taken, as it was taken
 
 
 def test_fps_on_a_too_short_clip_says_how_long_it_is(tmp_path):

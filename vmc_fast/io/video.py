@@ -352,7 +352,8 @@ def read_clip(path: str | Path, sampling: FrameSampling) -> tuple[torch.Tensor, 
         displayed_size=source.displayed_size, transform=TRANSFORMS[source.ops][0],
         transform_source=source.ops_source if source.ops != (False, False, False) else "",
         frame_indices=tuple(indices), frame_times=tuple(times) if times else None,
-        timing="index" if sampling.fps is None else f"fps={sampling.fps:g}", irregular_timing=source.irregular,
+        timing="index" if sampling.fps is None or path.is_dir() else f"fps={sampling.fps:g}",  # folders: no times
+        irregular_timing=source.irregular,
         source_fps=source.source_fps, start=sampling.start, stride=sampling.stride, reverse=sampling.reverse,
         crop_box=box, output_size=target, alpha=source.alpha, notes=tuple(dict.fromkeys(notes)),
     )

@@ -241,6 +241,8 @@ class TuningSession:
         frames = list(clip.frame_indices) if clip is not None else sampled_frames(s)
         record.update(num_frames=s.num_frames, height=s.height, width=s.width, frames=frames,
                       video=str(Path(video).resolve()) if video is not None else None)
+        if clip is not None and clip.timing == "index":
+            record["fps"] = None  # --fps was ignored (a frame folder): the frames were taken by index
         return record
 
 
