@@ -22,6 +22,7 @@ from torch import nn
 from vmc_fast import __version__
 from vmc_fast.errors import VmcError
 from vmc_fast.io.files import atomic_save_file
+from vmc_fast.tuning.lora import LoraSettings, base_name, factor_pairs, is_lora_adapter, load_lora
 
 FORMAT = "vmc-fast-motion-adapter/1"
 _SAMPLES_PER_TENSOR = 16
@@ -38,7 +39,7 @@ def base_fingerprint(unet: nn.Module, exclude: set[str] | frozenset[str] = froze
     fp32 and bf16 copies of one base apart.
     """
     digest = hashlib.sha256()
-    tensors = {**dict(unet.named_parameters()), **dict(unet.named_buffers())}
+    tensors = base_tensors(unet)
     for name, tensor in sorted(tensors.items()):
         if name in exclude:
             continue
@@ -86,8 +87,20 @@ class BaseReference:
         return BaseReference(structure, np.frombuffer(base64.b64decode(samples), dtype="<f4").astype(np.float32))
 
 
+def base_tensors(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of `unet` under the base model's names: a LoRA-injected model's frozen
+    ``….to_q.base_layer.weight`` as ``….to_q.weight``, its LoRA factors left out (`vmc_fast.tuning.lora.base_name`),
+    so that it is identified as the model it was injected into."""
+    tensors = {}
+    for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]:
+        base = base_name(name)
+        if base is not None:
+            tensors[base] = tensor
+    return tensors
+
+
 def _frozen_tensors(unet: nn.Module, exclude: set[str] | frozenset[str]) -> list[tuple[str, torch.Tensor]]:
-    tensors = {**dict(unet.named_parameters()), **dict(unet.named_buffers())}
+    tensors = base_tensors(unet)
     return [(name, tensors[name]) for name in sorted(tensors) if name not in exclude]
 
 
@@ -158,6 +171,16 @@ class AdapterInfo:
     encoded_prompt: str | None = None
     """The part of `prompt` the text encoder read (shorter when the prompt was longer than it reads); None when
     not recorded."""
+    lora_rank: int = 0
+    """LoRA rank of the adapter's factors (``<module>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r)); 0:
+    a full adapter (the tuned tensors themselves)."""
+    lora_alpha: float | None = None
+    """LoRA alpha (a layer's change is (alpha / r) B A); None for a full adapter."""
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        """Rank and alpha of a LoRA adapter; None for a full one."""
+        return LoraSettings(self.lora_rank, self.lora_alpha or self.lora_rank) if self.lora_rank else None
 
     @property
     def prompt_truncated(self) -> bool:
@@ -181,8 +204,10 @@ def sampled_frames(sampling) -> list[int]:
 def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], *, base_model: str, fingerprint: str,
                  prompt: str, steps: int, final_loss: float, loss: str, num_frames: int, height: int, width: int,
                  extra: dict | None = None, base: BaseReference | None = None, sampling: dict | None = None,
-                 encoded_prompt: str | None = None) -> Path:
-    """Write the tuned tensors (name -> tensor, base model names) and metadata atomically.
+                 encoded_prompt: str | None = None, lora: LoraSettings | None = None) -> Path:
+    """Write the tuned tensors (name -> tensor, base model names; LoRA factors under `vmc_fast.tuning.lora`'s
+    ``<module>.lora_A.weight`` / ``.lora_B.weight`` names, with `lora` their rank and alpha) and metadata
+    atomically.
 
     `base` (from `base_reference` before any requantising) lets the adapter load into the same base stored in
     any dtype; without it only `fingerprint` is checked. `sampling` and `encoded_prompt`: see AdapterInfo.
@@ -207,6 +232,8 @@ def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], *, base_mod
         metadata.update(base_structure=base.structure, base_samples=base.encode())
     if encoded_prompt is not None:
         metadata["encoded_prompt"] = encoded_prompt
+    if lora is not None:
+        metadata.update(lora_rank=str(lora.rank), lora_alpha=repr(float(lora.alpha)))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return atomic_save_file(tensors, path, metadata)
 
@@ -235,15 +262,19 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], AdapterInfo
         base_reference=BaseReference.decode(meta["base_structure"], meta["base_samples"])
         if "base_samples" in meta else None,
         sampling=json.loads(meta.get("sampling", "{}")), encoded_prompt=meta.get("encoded_prompt"),
+        lora_rank=int(meta.get("lora_rank", 0)),
+        lora_alpha=float(meta["lora_alpha"]) if "lora_alpha" in meta else None,
     )
     return tensors, info
 
 
 def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None = None) -> AdapterInfo:
-    """Copy an adapter's tensors into `unet` in place (no new modules, so a compiled graph stays valid).
+    """Put an adapter into `unet` in place. A full adapter's tensors are copied into the tuned parameters (no new
+    modules, so a compiled graph stays valid); a LoRA adapter's factors go into PEFT LoRA layers, injected on its
+    modules first when `unet` carries none (`vmc_fast.tuning.lora.load_lora`; rank and alpha from its metadata).
 
-    Refuses (VmcError, nothing copied) an adapter holding NaN or inf (from a run that diverged), and one made
-    for another base model: names or shapes it does not have,
+    Refuses (VmcError, nothing copied or injected) an adapter holding NaN or inf (from a run that diverged), and
+    one made for another base model: names or shapes it does not have,
     or frozen weights that differ from the adapter's `BaseReference` beyond BASE_RTOL/BASE_ATOL, whatever dtype
     either copy is stored in. Adapters without a BaseReference (written before 2026-12) are checked by their
     fingerprint hash (`base_fingerprint`, current or legacy scheme), which `fingerprint` may pass when known.
@@ -253,26 +284,61 @@ def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None 
     if bad:
         raise VmcError(f"adapter {path}: {len(bad)} of {len(tensors)} tensors hold NaN or inf (e.g. {bad[0]}); "
                        f"it comes from a run that diverged; retrain it (lower --lr, or --precision bf16 or fp32)")
-    params = dict(unet.named_parameters())
+    if is_lora_adapter(tensors):
+        return _apply_lora(unet, path, tensors, info, fingerprint)
+    params = base_tensors(unet)
     unknown = [name for name in tensors if name not in params]
     wrong = [name for name in tensors if name in params and params[name].shape != tensors[name].shape]
+    _refuse_mismatch(path, info, unknown, wrong)
+    _check_base(unet, path, info, set(tensors), fingerprint)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    return info
+
+
+def _apply_lora(unet: nn.Module, path: str | Path, tensors: dict[str, torch.Tensor], info: AdapterInfo,
+                fingerprint: str | None) -> AdapterInfo:
+    """`apply_adapter` of a LoRA adapter: its factors' modules must be linear layers of `unet` of matching sizes."""
+    pairs = factor_pairs(tensors, str(path))
+    modules = dict(unet.named_modules())
+    unknown, wrong = [], []
+    for name, (down, up) in pairs.items():
+        layer = modules.get(name)
+        layer = getattr(layer, "base_layer", layer)  # an already injected LoRA layer wraps the linear
+        if not isinstance(layer, nn.Linear):
+            unknown.append(f"{name}.lora_A.weight")
+        elif (down.shape[1], up.shape[0]) != (layer.in_features, layer.out_features):
+            wrong.append(f"{name}.lora_A.weight")
+    _refuse_mismatch(path, info, unknown, wrong)
+    _check_base(unet, path, info, set(), fingerprint)
+    rank = next(iter(pairs.values()))[0].shape[0]
+    settings = info.lora or LoraSettings(rank, rank)  # a file of another tool without our metadata: alpha = r
+    if settings.rank != rank:
+        raise VmcError(f"adapter {path}: its metadata says LoRA rank {settings.rank} but its factors have rank "
+                       f"{rank}; the file is damaged, retrain it")
+    load_lora(unet, pairs, settings)
+    return info if info.lora is not None else dataclasses.replace(info, lora_rank=rank, lora_alpha=float(rank))
+
+
+def _refuse_mismatch(path, info: AdapterInfo, unknown: list[str], wrong: list[str]) -> None:
     if unknown or wrong:
         example = (unknown or wrong)[0]
         raise VmcError(f"adapter {path} was made for another base model ({info.base_model}): "
                        f"{len(unknown)} unknown and {len(wrong)} mis-shaped tensors (e.g. {example}); "
                        f"load it into {info.base_model}")
+
+
+def _check_base(unet: nn.Module, path, info: AdapterInfo, exclude: set[str], fingerprint: str | None) -> None:
+    """VmcError when `unet`'s frozen weights (without `exclude`) are not the adapter's base."""
     if info.base_reference is not None:
-        difference = base_difference(unet, info.base_reference, exclude=set(tensors))
+        difference = base_difference(unet, info.base_reference, exclude=exclude)
     else:
-        fingerprint = fingerprint or base_fingerprint(unet, exclude=set(tensors))
+        fingerprint = fingerprint or base_fingerprint(unet, exclude=exclude)
         mismatch = fingerprint != info.base_fingerprint and \
-            base_fingerprint(unet, set(tensors), legacy=True) != info.base_fingerprint
+            base_fingerprint(unet, exclude, legacy=True) != info.base_fingerprint
         difference = f"this model's fingerprint is {fingerprint}" if mismatch else None
     if difference is not None:
         raise VmcError(f"adapter {path} was made for base model {info.base_model} (fingerprint "
                        f"{info.base_fingerprint}), not this one: {difference}; load it into the model it was "
                        f"trained on")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
-    return info

@@ -4,7 +4,9 @@ Setup is a fixed sequence of named steps — load → surgery → fingerprint �
 attention backend → compile; the optimizer step comes last (a plain optimizer per video, or one DeepSpeed engine
 per session, see vmc_fast.tuning.steps).
 Between videos only the trainable tensors are reset (copied back from a snapshot), so nothing is rebuilt and
-frozen weights are never copied per video.
+frozen weights are never copied per video. With ``--lora-rank`` the trainable tensors are the LoRA factors
+(`vmc_fast.tuning.lora`): the snapshot holds B = 0 and A drawn from the run's seed, so every video starts from the
+same factors whatever its position.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
 from vmc_fast.runtime import COMPUTE_DTYPES, compute_dtype
 from vmc_fast.tuning.adapters import base_fingerprint, base_reference, sampled_frames, save_adapter
 from vmc_fast.tuning.loop import StepStats, TuneResult, tune
+from vmc_fast.tuning.lora import LoraSettings
 from vmc_fast.tuning.losses import loss_formula
 from vmc_fast.tuning.steps import OptimizerStep, TorchStep, whole_parameters
 from vmc_fast.tuning.surgery import (
     SurgeryReport,
+    prepare_for_lora_tuning,
     prepare_for_motion_tuning,
     trainable_state,
 )
@@ -101,8 +105,16 @@ class TuningSession:
         return apply_frozen_precision(self.backbone.unet, "int8", self.compute_dtype)
 
     def _surgery(self) -> SurgeryReport:
-        return prepare_for_motion_tuning(self.backbone.unet,
-                                         self.cfg.model.trainable_pattern or self.backbone.trainable_pattern)
+        pattern = self.cfg.model.trainable_pattern or self.backbone.trainable_pattern
+        if self.lora is not None:  # PEFT LoRA layers on the same Q/K/V, initialised from the run's seed
+            return prepare_for_lora_tuning(self.backbone.unet, self.lora, pattern, seed=self.cfg.train.seed)
+        return prepare_for_motion_tuning(self.backbone.unet, pattern)
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        """Rank and alpha of the LoRA this session trains (`vmc_fast.tuning.lora`); None: full Q/K/V tuning."""
+        model = self.cfg.model
+        return LoraSettings(model.lora_rank, model.lora_alpha or model.lora_rank) if model.lora_rank else None
 
     def _checkpointing(self) -> None:
         if not self.cfg.model.gradient_checkpointing:
@@ -222,7 +234,7 @@ class TuningSession:
                    "loss_formula": loss_formula(self.cfg.train.loss, self.cfg.train.loss_weight),
                    "skipped_steps": result.skipped_steps, "request_hash": request_hash},
             base=self.base, sampling=self.sampling_record(video, clip),
-            encoded_prompt=self.encoded_prompts.get(prompt),
+            encoded_prompt=self.encoded_prompts.get(prompt), lora=self.lora,
         )
 
     def sampling_record(self, video: Path | None, clip: ClipInfo | None = None) -> dict:
