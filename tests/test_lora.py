@@ -260,15 +260,28 @@ def test_lora_options_resolve_alpha_to_the_rank():
 
 
 @pytest.mark.slow
-def test_lora_under_zero_on_two_cpu_ranks(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_under_zero_on_two_cpu_ranks(stage, tmp_path, monkeypatch):
+    """Both ranks start from the same factors (drawn from the run's seed, not the rank's), so resetting them
+    between videos gives c (the same clip as a) exactly a's adapter; ZeRO-3 partitions even these small factors."""
     from test_parallel import _entries, _train
 
-    result, out = _train(tmp_path, "--strategy", "zero", "--zero-stage", "2", "--lora-rank", "4")
+    # The ranks run `python -m vmc_fast.cli` from the working directory, which is then on sys.path: from the
+    # repository root its kernels/ folder would shadow Hugging Face's `kernels`, which PEFT's diffusers import needs.
+    monkeypatch.chdir(tmp_path)
+    extra = []
+    if stage == 3:
+        config = tmp_path / "zero3.json"
+        config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+        extra = ["--deepspeed-config", str(config)]
+    result, out = _train(tmp_path, "--strategy", "zero", "--zero-stage", str(stage), "--lora-rank", "4", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {e["status"] for e in _entries(out).values()} == {"done"}
     a, b, c = (load_file(out / "adapters" / f"{n}.safetensors") for n in "abc")
     assert all(re.search(r"\.lora_[AB]\.weight$", k) for k in a)
+    assert all(a[k].shape[0 if ".lora_A." in k else 1] == 4 for k in a)  # whole factors, not partitions
     assert all(torch.equal(a[k], c[k]) for k in a)  # reset between videos: c (the same clip as a) repeats a
     assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if ".lora_B." in k)  # trained
     with safe_open(str(out / "adapters" / "a.safetensors"), "pt") as handle:
         assert handle.metadata()["lora_rank"] == "4"

@@ -63,8 +63,12 @@ class TuningSession:
 
     def __init__(self, cfg: RunConfig, device: str = "cpu",
                  make_optimizer_step: Callable[[torch.nn.Module, list], OptimizerStep] | None = None,
-                 write_adapters: bool = True):
+                 write_adapters: bool = True, init_seed: int | None = None):
+        """`init_seed`: seed of the LoRA factors' initialisation (default: cfg.train.seed); ranks that tune one
+        video together must start from the same factors, so under ZeRO each passes the run's seed (their
+        cfg.train.seed is offset by their rank, for their own noise)."""
         self.cfg = cfg
+        self.init_seed = cfg.train.seed if init_seed is None else init_seed
         self.write_adapters = write_adapters
         self.device = torch.device(device)
         self.backbone = self._load()
@@ -107,7 +111,7 @@ class TuningSession:
     def _surgery(self) -> SurgeryReport:
         pattern = self.cfg.model.trainable_pattern or self.backbone.trainable_pattern
         if self.lora is not None:  # PEFT LoRA layers on the same Q/K/V, initialised from the run's seed
-            return prepare_for_lora_tuning(self.backbone.unet, self.lora, pattern, seed=self.cfg.train.seed)
+            return prepare_for_lora_tuning(self.backbone.unet, self.lora, pattern, seed=self.init_seed)
         return prepare_for_motion_tuning(self.backbone.unet, pattern)
 
     @property
