@@ -454,7 +454,7 @@ class ExportConfig:
     """Folder to write into (created; files of the same names are replaced)."""
     rank: int = 64
     """LoRA rank of a full adapter: the truncated SVD of its change from the base, whose relative error is printed
-    and recorded (rank at least the layers' size: exact)."""
+    and recorded (rank at least the layers' size: exact). A --lora-rank adapter is written at its own rank."""
     model_id: str | None = field(default=None, metadata=option("--model"))
     """Base model the adapter was tuned on (its change is measured against it); default: the one it records."""
 

@@ -33,11 +33,11 @@ def counted(model: str, rank: int) -> dict:
 
 
 def measured(model: str, rank: int, folder: Path) -> dict:
+    import torch
+
     from vmc_fast.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from vmc_fast.io.video import write_video_atomic
     from vmc_fast.tuning.session import TuningSession
-
-    import torch
 
     frames = np.full((8, 3, 16, 24), -0.8, np.float32)
     for f in range(8):
