@@ -142,6 +142,22 @@ def test_videos_of_a_session_start_from_the_same_factors_whatever_their_position
     assert not all(torch.equal(p, start[n]) for n, p in other.backbone.unet.named_parameters() if p.requires_grad)
 
 
+def test_factors_start_in_fp32_from_the_seed_whatever_the_frozen_dtype():
+    from vmc_fast.models.registry import LoadOptions
+    from vmc_fast.tuning.lora import LoraSettings
+    from vmc_fast.tuning.surgery import prepare_for_lora_tuning
+
+    layers = []
+    for dtype in (torch.float32, torch.bfloat16):
+        unet = load_backbone("tiny-random", LoadOptions(dtype=dtype)).unet
+        prepare_for_lora_tuning(unet, LoraSettings(4, 4.0), seed=0)
+        layers.append(dict(lora_layers(unet)))
+    fp32, bf16 = layers
+    some = next(iter(bf16.values()))
+    assert some.base_layer.weight.dtype == torch.bfloat16 and some.lora_A["default"].weight.dtype == torch.float32
+    assert all(torch.equal(fp32[k].lora_A["default"].weight, bf16[k].lora_A["default"].weight) for k in fp32)
+
+
 def test_lora_alpha_scales_the_change_and_travels_in_the_metadata(tmp_path):
     video = _video(tmp_path)
     adapter = _tune(_session("tiny-random", tmp_path, rank=4, alpha=16.0, steps=2), video, tmp_path / "a.safetensors")

@@ -14,7 +14,7 @@ from torch import nn
 
 from vmc_fast.config import DEFAULT_TRAINABLE_PATTERN
 from vmc_fast.errors import VmcError
-from vmc_fast.tuning.lora import LoraSettings, adapter_key, base_name, inject_lora, lora_targets
+from vmc_fast.tuning.lora import LoraSettings, adapter_key, base_name, init_lora, inject_lora, lora_targets
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def prepare_for_lora_tuning(unet: nn.Module, settings: LoraSettings, pattern: st
     for _, param in trainable:
         param.data = param.data.to(master_dtype)
         param.requires_grad_(True)
+    init_lora(unet, seed)  # again in master_dtype: PEFT made the factors in the base's dtype (bf16 rounds A)
     return SurgeryReport(
         num_tensors=len(trainable),
         num_trainable=sum(p.numel() for _, p in trainable),
