@@ -219,12 +219,16 @@ def test_a_lora_adapter_exports_as_is_and_loads_with_peft(model, tmp_path):
     tensors, exported = load_file(adapter), load_file(tmp_path / "peft" / PEFT_WEIGHTS)
     some = next(k for k in tensors if k.endswith("lora_B.weight"))
     torch.testing.assert_close(exported["base_model.model." + some], 2 * tensors[some])
+    with pytest.warns(UserWarning, match="--model show1-tiny-random: not used; a LoRA adapter is exported as it is"):
+        export_adapter(ExportConfig(adapter=str(adapter), format="peft", out_dir=str(tmp_path / "p2"),
+                                    model_id="show1-tiny-random"))
 
 
-def test_a_lora_adapter_exports_to_diffusers_and_loads_in_the_animatediff_pipeline(tmp_path):
-    from test_export import FULL_RANK_ATOL, _lora_layers, _pipeline, _pipeline_frames
+def test_a_lora_adapter_exports_to_diffusers_and_comfyui_and_each_reproduces_our_output(tmp_path):
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+    from test_export import FULL_RANK_ATOL, TINY_AD, _comfy_model_key, _lora_layers, _pipeline, _pipeline_frames
 
-    adapter = _tune(_session("animatediff-tiny-random", tmp_path, rank=4, steps=2), _video(tmp_path),
+    adapter = _tune(_session(TINY_AD, tmp_path, rank=4, alpha=2.0, steps=2), _video(tmp_path),
                     tmp_path / "a.safetensors")
     export_adapter(ExportConfig(adapter=str(adapter), format="diffusers", out_dir=str(tmp_path / "d")))
     ours, loaded = _pipeline(), _pipeline()
@@ -232,6 +236,21 @@ def test_a_lora_adapter_exports_to_diffusers_and_loads_in_the_animatediff_pipeli
     loaded.load_lora_weights(str(tmp_path / "d"))
     assert len(_lora_layers(loaded.unet)) == 42
     torch.testing.assert_close(_pipeline_frames(loaded), _pipeline_frames(ours), rtol=0, atol=10 * FULL_RANK_ATOL)
+
+    # ComfyUI-AnimateDiff-Evolved's rule replayed: W += up @ down on each original motion-module weight.
+    comfy = export_adapter(ExportConfig(adapter=str(adapter), format="comfyui", out_dir=str(tmp_path / "c")))
+    state = load_file(comfy.files[0])
+    patches = {_comfy_model_key(key): state[key.replace(".down.", ".up.")].float() @ state[key].float()
+               for key in state if "up." not in key}
+    patched = load_backbone(TINY_AD)
+    inputs = _inputs(TINY_AD, patched)
+    with torch.no_grad():
+        for name, delta in convert_animatediff_checkpoint_to_diffusers(patches).items():
+            patched.unet.get_parameter(name).add_(delta)
+    mine = load_backbone(TINY_AD)
+    apply_adapter(mine.unet, adapter)
+    torch.testing.assert_close(predict_noise(patched.unet, *inputs), predict_noise(mine.unet, *inputs), rtol=0,
+                               atol=FULL_RANK_ATOL)
 
 
 def test_lora_on_8bit_frozen_linears_trains(tmp_path):

@@ -216,6 +216,9 @@ def lora_of_lora_adapter(path: Path, tensors: dict[str, torch.Tensor], info: Ada
     (alpha / r) B as up, so that up @ down is exactly the change it trained; no base model is loaded."""
     from vmc_fast.tuning.lora import LoraSettings, factor_pairs
 
+    if base_model != info.base_model:
+        warnings.warn(f"--model {base_model}: not used; a LoRA adapter is exported as it is, without loading a base "
+                      f"model, and its factors are for {info.base_model}", stacklevel=3)
     pairs = factor_pairs(tensors, str(path))
     r = next(iter(pairs.values()))[0].shape[0] if pairs else 0
     scale = (info.lora or LoraSettings(r, r)).scale if r else 1.0
