@@ -183,6 +183,10 @@ def test_a_lora_adapter_for_another_base_is_refused_and_nothing_is_injected(tmp_
     carrying = _session("tiny-random", tmp_path, rank=8, steps=1).backbone.unet
     with pytest.raises(VmcError, match="already carries a LoRA"):
         apply_adapter(carrying, adapter)
+    # Nor does it take a full adapter, whose change the LoRA would add to.
+    full = _tune(_session("tiny-random", tmp_path, rank=0, steps=1), _video(tmp_path), tmp_path / "full.safetensors")
+    with pytest.raises(VmcError, match="full adapter, and this model carries a LoRA"):
+        apply_adapter(carrying, full)
 
 
 def test_generate_writes_a_video_with_a_lora_adapter(tmp_path):

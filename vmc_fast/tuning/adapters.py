@@ -22,7 +22,14 @@ from torch import nn
 from vmc_fast import __version__
 from vmc_fast.errors import VmcError
 from vmc_fast.io.files import atomic_save_file
-from vmc_fast.tuning.lora import LoraSettings, base_name, factor_pairs, is_lora_adapter, load_lora
+from vmc_fast.tuning.lora import (
+    LoraSettings,
+    base_name,
+    factor_pairs,
+    is_lora_adapter,
+    load_lora,
+    lora_settings,
+)
 
 FORMAT = "vmc-fast-motion-adapter/1"
 _SAMPLES_PER_TENSOR = 16
@@ -286,6 +293,10 @@ def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None 
                        f"it comes from a run that diverged; retrain it (lower --lr, or --precision bf16 or fp32)")
     if is_lora_adapter(tensors):
         return _apply_lora(unet, path, tensors, info, fingerprint)
+    carried = lora_settings(unet)
+    if carried is not None:
+        raise VmcError(f"adapter {path} is a full adapter, and this model carries a LoRA (rank {carried.rank}) that "
+                       f"would add its own change to it; load the adapter into a freshly loaded model")
     params = base_tensors(unet)
     unknown = [name for name in tensors if name not in params]
     wrong = [name for name in tensors if name in params and params[name].shape != tensors[name].shape]
