@@ -297,7 +297,7 @@ def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None 
     if carried is not None:
         raise VmcError(f"adapter {path} is a full adapter, and this model carries a LoRA (rank {carried.rank}) that "
                        f"would add its own change to it; load the adapter into a freshly loaded model")
-    params = base_tensors(unet)
+    params = {base: p for name, p in unet.named_parameters() if (base := base_name(name)) is not None}
     unknown = [name for name in tensors if name not in params]
     wrong = [name for name in tensors if name in params and params[name].shape != tensors[name].shape]
     _refuse_mismatch(path, info, unknown, wrong)
