@@ -214,6 +214,8 @@ Examples:\n
   vmc-fast train --videos clips/ --gpus 4 --out library/\n
   # captions in clips/NAME.txt made motion-only\n
   vmc-fast train --videos clips/ --derive-prompt\n
+  # a LoRA of rank 16 on the same temporal Q/K/V (PEFT): adapters of a few MB instead of hundreds\n
+  vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --lora-rank 16\n
   # AnimateDiff: a Stable Diffusion 1.5 base + a motion adapter (its motion modules' attention Q/K/V are tuned)\n
   vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --model stable-diffusion-v1-5/stable-diffusion-v1-5+guoyww/animatediff-motion-adapter-v1-5-2 --height 256 --width 256
 """
@@ -385,7 +387,7 @@ Examples:\n
   vmc-fast export vmc-out/adapters/bird.safetensors --format diffusers --out bird-lora\n
   # the same for ComfyUI (copy the .safetensors to ComfyUI/models/animatediff_motion_lora/)\n
   vmc-fast export vmc-out/adapters/bird.safetensors --format comfyui --out comfy-loras\n
-  # a ZeroScope or Show-1 adapter for PEFT, rank 128\n
+  # a ZeroScope or Show-1 adapter for PEFT, rank 128 (a --lora-rank adapter is written as is, at its own rank)\n
   vmc-fast export vmc-out/adapters/bird.safetensors --format peft --rank 128 --out bird-peft
 """
 
@@ -404,7 +406,8 @@ def _export(cfg: ExportConfig, console: Console) -> None:
 
 config_command("export", ExportConfig, _export, epilog=EXPORT_EXAMPLES, required=("adapter", "format", "out_dir"),
                help="Write a motion adapter as a LoRA for diffusers (AnimateDiff), PEFT (any model) or ComfyUI "
-                    "(AnimateDiff); a full adapter becomes the truncated SVD of its change at --rank.")
+                    "(AnimateDiff); a full adapter becomes the truncated SVD of its change at --rank, a LoRA adapter is "
+                    "written as it was trained.")
 
 
 # ------------------------------------------------------------------------------------------------ studies

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import textwrap
@@ -161,9 +162,23 @@ class ModelConfig:
     """Temporal attention kernel: sdpa | xformers (CUDA) | triton."""
     compile: str = "off"
     """torch.compile: off | regional (each block, once per process) | full."""
+    lora_rank: int = 0
+    """Train a LoRA of this rank on the same temporal Q/K/V (through PEFT; adapters of a few MB); 0: tune the Q/K/V
+    weights themselves, as the paper does."""
+    lora_alpha: float | None = None
+    """LoRA alpha: a layer's change is (alpha / rank) B A; default: the rank (scale 1). Needs --lora-rank."""
 
     def __post_init__(self) -> None:
         check_field(bool(self.model_id.strip()), "--model", "must not be empty")
+        check_field(isinstance(self.lora_rank, int) and 0 <= self.lora_rank <= 4096, "--lora-rank",
+                    f"{self.lora_rank} is not a rank; use 0 (tune Q/K/V fully) or a LoRA rank from 1 to 4096 "
+                    f"(e.g. 16)")
+        check_field(self.lora_alpha is None or self.lora_rank > 0, "--lora-alpha",
+                    "applies to a LoRA only; pass --lora-rank R with it (e.g. --lora-rank 16)")
+        check_field(self.lora_alpha is None or 0 < self.lora_alpha < math.inf, "--lora-alpha",
+                    f"{self.lora_alpha} must be a positive number (default: the rank)")
+        if self.lora_rank and self.lora_alpha is None:
+            self.lora_alpha = float(self.lora_rank)
         self.model_id = resolve_model_id(self.model_id)
         check_field(self.frozen_dtype in FROZEN_DTYPES, "--frozen-dtype",
                     f"must be one of {', '.join(FROZEN_DTYPES)}")
@@ -468,7 +483,7 @@ class ExportConfig:
     """Folder to write into (created; files of the same names are replaced)."""
     rank: int = 64
     """LoRA rank of a full adapter: the truncated SVD of its change from the base, whose relative error is printed
-    and recorded (rank at least the layers' size: exact)."""
+    and recorded (rank at least the layers' size: exact). A --lora-rank adapter is written at its own rank."""
     model_id: str | None = field(default=None, metadata=option("--model"))
     """Base model the adapter was tuned on (its change is measured against it); default: the one it records."""
 

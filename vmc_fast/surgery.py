@@ -2,9 +2,11 @@
 
 from vmc_fast.tuning.surgery import (
                                      DEFAULT_TRAINABLE_PATTERN,
+                                     prepare_for_lora_tuning,
                                      prepare_for_motion_tuning,
                                      temporal_qkv_parameters,
                                      trainable_state,
 )
 
-__all__ = ["DEFAULT_TRAINABLE_PATTERN", "prepare_for_motion_tuning", "temporal_qkv_parameters", "trainable_state"]
+__all__ = ["DEFAULT_TRAINABLE_PATTERN", "prepare_for_lora_tuning", "prepare_for_motion_tuning",
+           "temporal_qkv_parameters", "trainable_state"]

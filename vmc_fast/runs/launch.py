@@ -236,8 +236,11 @@ def run_rank(cfg: RunConfig, todo: list[Job], reporter: Reporter, *, num_done: i
 
     ranks = RankAgreement()
     # Each rank draws its own timesteps and noise: an effective batch of one sample per rank.
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + rank))
-    session = _session(cfg, device, write_adapters=rank == 0, make_optimizer_step=ZeroStepFactory(cfg, ranks))
+    # Everything else starts the same on every rank: the LoRA factors are drawn from the run's own seed.
+    seed = cfg.train.seed
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed + rank))
+    session = _session(cfg, device, write_adapters=rank == 0, make_optimizer_step=ZeroStepFactory(cfg, ranks),
+                       init_seed=seed)
     run_jobs(AgreeingSession(session, ranks), mine, manifest if rank == 0 else ReadOnlyManifest(manifest),
              reporter, write_metrics=rank == 0, tensorboard=cfg.tensorboard)
     torch.distributed.barrier()  # short: all ranks settled the last video together

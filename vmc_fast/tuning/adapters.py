@@ -31,6 +31,14 @@ from torch import nn
 from vmc_fast import __version__
 from vmc_fast.errors import VmcError
 from vmc_fast.io.files import atomic_save_file
+from vmc_fast.tuning.lora import (
+    LoraSettings,
+    base_name,
+    factor_pairs,
+    is_lora_adapter,
+    load_lora,
+    lora_settings,
+)
 
 FORMAT = "vmc-fast-motion-adapter/1"
 _SAMPLES_PER_TENSOR = 16
@@ -49,7 +57,7 @@ def base_fingerprint(unet: nn.Module, exclude: set[str] | frozenset[str] = froze
     fp32 and bf16 copies of one base apart.
     """
     digest = hashlib.sha256()
-    tensors = {**dict(unet.named_parameters()), **dict(unet.named_buffers())}
+    tensors = base_tensors(unet)
     for name, tensor in sorted(tensors.items()):
         if name in exclude:
             continue
@@ -97,8 +105,20 @@ class BaseReference:
         return BaseReference(structure, np.frombuffer(base64.b64decode(samples), dtype="<f4").astype(np.float32))
 
 
+def base_tensors(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of `unet` under the base model's names: a LoRA-injected model's frozen
+    ``….to_q.base_layer.weight`` as ``….to_q.weight``, its LoRA factors left out (`vmc_fast.tuning.lora.base_name`),
+    so that it is identified as the model it was injected into."""
+    tensors = {}
+    for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]:
+        base = base_name(name)
+        if base is not None:
+            tensors[base] = tensor
+    return tensors
+
+
 def _frozen_tensors(unet: nn.Module, exclude: set[str] | frozenset[str]) -> list[tuple[str, torch.Tensor]]:
-    tensors = {**dict(unet.named_parameters()), **dict(unet.named_buffers())}
+    tensors = base_tensors(unet)
     return [(name, tensors[name]) for name in sorted(tensors) if name not in exclude]
 
 
@@ -181,6 +201,16 @@ class AdapterInfo:
     tensors), ``max_abs_error`` (max |W0 + d - W|), ``dtype``; {} for full adapters."""
     delta_base: BaseReference | None = None
     """A delta adapter's reference of the base values W0 of its own tensors (names sorted); None for full ones."""
+    lora_rank: int = 0
+    """LoRA rank of the adapter's factors (``<module>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r)); 0:
+    a full adapter (the tuned tensors themselves)."""
+    lora_alpha: float | None = None
+    """LoRA alpha (a layer's change is (alpha / r) B A); None for a full adapter."""
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        """Rank and alpha of a LoRA adapter; None for a full one."""
+        return LoraSettings(self.lora_rank, self.lora_alpha or self.lora_rank) if self.lora_rank else None
 
     @property
     def prompt_truncated(self) -> bool:
@@ -206,13 +236,16 @@ def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], *, base_mod
                  prompt: str, steps: int, final_loss: float, loss: str, num_frames: int, height: int, width: int,
                  extra: dict | None = None, base: BaseReference | None = None, sampling: dict | None = None,
                  encoded_prompt: str | None = None, base_tensors: dict[str, torch.Tensor] | None = None,
-                 dtype: str = "fp32") -> Path:
-    """Write the tuned tensors (name -> tensor, base model names) and metadata atomically.
+                 dtype: str = "fp32", lora: LoraSettings | None = None) -> Path:
+    """Write the tuned tensors (name -> tensor, base model names; LoRA factors under `vmc_fast.tuning.lora`'s
+    ``<module>.lora_A.weight`` / ``.lora_B.weight`` names, with `lora` their rank and alpha) and metadata
+    atomically.
 
     `base` (from `base_reference` before any requantising) lets the adapter load into the same base stored in
     any dtype; without it only `fingerprint` is checked. `sampling` and `encoded_prompt`: see AdapterInfo.
     dtype ``bf16`` stores each tensor as its change from `base_tensors` (the same names: the values before
-    tuning) in bfloat16 and records the reconstruction error; ``fp32`` stores the tensors themselves. An adapter
+    tuning) in bfloat16 and records the reconstruction error; ``fp32`` stores the tensors themselves. LoRA factors
+    are stored as they are (fp32) whatever `dtype`: they are already the change, and small. An adapter
     already at `path` with the same ``extra["request_hash"]`` (not None) is kept as it is (write-once).
     Raises ValueError for another dtype, or bf16 without the base value of every tensor.
     """
@@ -236,14 +269,16 @@ def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], *, base_mod
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "extra": json.dumps(extra or {}, sort_keys=True),
         "sampling": json.dumps(sampling or {}, sort_keys=True),
-        "storage": STORAGES[dtype],
+        "storage": STORAGES[dtype] if lora is None else STORAGES["fp32"],
     }
     if base is not None:
         metadata.update(base_structure=base.structure, base_samples=base.encode())
     if encoded_prompt is not None:
         metadata["encoded_prompt"] = encoded_prompt
+    if lora is not None:
+        metadata.update(lora_rank=str(lora.rank), lora_alpha=repr(float(lora.alpha)))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    if dtype == "bf16":
+    if dtype == "bf16" and lora is None:  # LoRA factors are stored as they are: they are already the change
         tensors, reconstruction, delta_base = delta_tensors(tensors, base_tensors or {})
         metadata.update(reconstruction=json.dumps(reconstruction, sort_keys=True),
                         delta_base_structure=delta_base.structure, delta_base_samples=delta_base.encode())
@@ -316,6 +351,8 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], AdapterInfo
         storage=meta.get("storage", "full"), reconstruction=json.loads(meta.get("reconstruction", "{}")),
         delta_base=BaseReference.decode(meta["delta_base_structure"], meta["delta_base_samples"])
         if "delta_base_samples" in meta else None,
+        lora_rank=int(meta.get("lora_rank", 0)),
+        lora_alpha=float(meta["lora_alpha"]) if "lora_alpha" in meta else None,
     )
     if info.storage not in STORAGES.values():
         raise VmcError(f"adapter {path}: unknown storage {info.storage!r} (written by a newer vmc-fast?); upgrade "
@@ -324,10 +361,12 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], AdapterInfo
 
 
 def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None = None) -> AdapterInfo:
-    """Copy an adapter's tensors into `unet` in place (no new modules, so a compiled graph stays valid).
+    """Put an adapter into `unet` in place. A full adapter's tensors are copied into the tuned parameters (no new
+    modules, so a compiled graph stays valid); a LoRA adapter's factors go into PEFT LoRA layers, injected on its
+    modules first when `unet` carries none (`vmc_fast.tuning.lora.load_lora`; rank and alpha from its metadata).
 
-    Refuses (VmcError, nothing copied) an adapter holding NaN or inf (from a run that diverged), and one made
-    for another base model: names or shapes it does not have,
+    Refuses (VmcError, nothing copied or injected) an adapter holding NaN or inf (from a run that diverged), and
+    one made for another base model: names or shapes it does not have,
     or frozen weights that differ from the adapter's `BaseReference` beyond BASE_RTOL/BASE_ATOL, whatever dtype
     either copy is stored in. Adapters without a BaseReference (written before 2026-12) are checked by their
     fingerprint hash (`base_fingerprint`, current or legacy scheme), which `fingerprint` may pass when known.
@@ -342,25 +381,17 @@ def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None 
     if bad:
         raise VmcError(f"adapter {path}: {len(bad)} of {len(tensors)} tensors hold NaN or inf (e.g. {bad[0]}); "
                        f"it comes from a run that diverged; retrain it (lower --lr, or --precision bf16 or fp32)")
-    params = dict(unet.named_parameters())
+    if is_lora_adapter(tensors):
+        return _apply_lora(unet, path, tensors, info, fingerprint)
+    carried = lora_settings(unet)
+    if carried is not None:
+        raise VmcError(f"adapter {path} is a full adapter, and this model carries a LoRA (rank {carried.rank}) that "
+                       f"would add its own change to it; load the adapter into a freshly loaded model")
+    params = {base: p for name, p in unet.named_parameters() if (base := base_name(name)) is not None}
     unknown = [name for name in tensors if name not in params]
     wrong = [name for name in tensors if name in params and params[name].shape != tensors[name].shape]
-    if unknown or wrong:
-        example = (unknown or wrong)[0]
-        raise VmcError(f"adapter {path} was made for another base model ({info.base_model}): "
-                       f"{len(unknown)} unknown and {len(wrong)} mis-shaped tensors (e.g. {example}); "
-                       f"load it into {info.base_model}")
-    if info.base_reference is not None:
-        difference = base_difference(unet, info.base_reference, exclude=set(tensors))
-    else:
-        fingerprint = fingerprint or base_fingerprint(unet, exclude=set(tensors))
-        mismatch = fingerprint != info.base_fingerprint and \
-            base_fingerprint(unet, set(tensors), legacy=True) != info.base_fingerprint
-        difference = f"this model's fingerprint is {fingerprint}" if mismatch else None
-    if difference is not None:
-        raise VmcError(f"adapter {path} was made for base model {info.base_model} (fingerprint "
-                       f"{info.base_fingerprint}), not this one: {difference}; load it into the model it was "
-                       f"trained on")
+    _refuse_mismatch(path, info, unknown, wrong)
+    _check_base(unet, path, info, set(tensors), fingerprint)
     base_values = _base_values(unet, params, tensors)
     if info.storage == "delta":
         tensors = _reconstructed(path, info, tensors, base_values)
@@ -370,6 +401,51 @@ def apply_adapter(unet: nn.Module, path: str | Path, *, fingerprint: str | None 
     return info
 
 
+def _apply_lora(unet: nn.Module, path: str | Path, tensors: dict[str, torch.Tensor], info: AdapterInfo,
+                fingerprint: str | None) -> AdapterInfo:
+    """`apply_adapter` of a LoRA adapter: its factors' modules must be linear layers of `unet` of matching sizes."""
+    pairs = factor_pairs(tensors, str(path))
+    modules = dict(unet.named_modules())
+    unknown, wrong = [], []
+    for name, (down, up) in pairs.items():
+        layer = modules.get(name)
+        layer = getattr(layer, "base_layer", layer)  # an already injected LoRA layer wraps the linear
+        if not isinstance(layer, nn.Linear):
+            unknown.append(f"{name}.lora_A.weight")
+        elif (down.shape[1], up.shape[0]) != (layer.in_features, layer.out_features):
+            wrong.append(f"{name}.lora_A.weight")
+    _refuse_mismatch(path, info, unknown, wrong)
+    _check_base(unet, path, info, set(), fingerprint)
+    rank = next(iter(pairs.values()))[0].shape[0]
+    settings = info.lora or LoraSettings(rank, rank)  # a file of another tool without our metadata: alpha = r
+    if settings.rank != rank:
+        raise VmcError(f"adapter {path}: its metadata says LoRA rank {settings.rank} but its factors have rank "
+                       f"{rank}; the file is damaged, retrain it")
+    load_lora(unet, pairs, settings)
+    return info if info.lora is not None else dataclasses.replace(info, lora_rank=rank, lora_alpha=float(rank))
+
+
+def _refuse_mismatch(path, info: AdapterInfo, unknown: list[str], wrong: list[str]) -> None:
+    if unknown or wrong:
+        example = (unknown or wrong)[0]
+        raise VmcError(f"adapter {path} was made for another base model ({info.base_model}): "
+                       f"{len(unknown)} unknown and {len(wrong)} mis-shaped tensors (e.g. {example}); "
+                       f"load it into {info.base_model}")
+
+
+def _check_base(unet: nn.Module, path, info: AdapterInfo, exclude: set[str], fingerprint: str | None) -> None:
+    """VmcError when `unet`'s frozen weights (without `exclude`) are not the adapter's base."""
+    if info.base_reference is not None:
+        difference = base_difference(unet, info.base_reference, exclude=exclude)
+    else:
+        fingerprint = fingerprint or base_fingerprint(unet, exclude=exclude)
+        mismatch = fingerprint != info.base_fingerprint and \
+            base_fingerprint(unet, exclude, legacy=True) != info.base_fingerprint
+        difference = f"this model's fingerprint is {fingerprint}" if mismatch else None
+    if difference is not None:
+        raise VmcError(f"adapter {path} was made for base model {info.base_model} (fingerprint "
+                       f"{info.base_fingerprint}), not this one: {difference}; load it into the model it was "
+                       f"trained on")
 _BASE_VALUES = "_vmc_fast_base_values"
 """Attribute of a UNet holding {name: CPU copy} of the values its adapted tensors had before any adapter."""
 

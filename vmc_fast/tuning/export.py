@@ -17,7 +17,8 @@ Every format stores alpha / r folded into ``lora_B`` (``up``): the change of a l
 loader does with alpha (diffusers assumes alpha = r without metadata; ComfyUI and AnimateDiff apply up @ down).
 diffusers and PEFT files also say so in their config (lora_alpha = r).
 
-A full adapter (the tuned Q/K/V themselves) becomes the truncated SVD of its change from the base at the asked
+A LoRA adapter (trained with ``--lora-rank``) is written as it is, at its own rank (``--rank`` does not apply; the
+relative error is 0). A full adapter (the tuned Q/K/V themselves) becomes the truncated SVD of its change from the base at the asked
 rank, computed in float64 on the CPU: with U S V^T = ΔW, B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T. By Eckart-Young
 this is the closest rank-r matrix in the Frobenius norm; the relative error ||ΔW - BA||_F / ||ΔW||_F (over all
 tensors, and per tensor) is measured on the factors as written, printed and recorded (`RECORD_SUFFIX` beside the
@@ -206,11 +207,33 @@ def low_rank(changes: dict[str, torch.Tensor], rank: int) -> LoraFactors:
                        relative_error=math.sqrt(lost / total) if total > 0 else 0.0, errors=errors)
 
 
+# ------------------------------------------------------------------------------------------------ LoRA adapters
+
+
+def lora_of_lora_adapter(path: Path, tensors: dict[str, torch.Tensor], info: AdapterInfo, base_model: str,
+                         rank: int) -> LoraFactors:
+    """A LoRA adapter (`--lora-rank`) as it is: its own rank (`rank`, --rank, does not apply), A as down and
+    (alpha / r) B as up, so that up @ down is exactly the change it trained; no base model is loaded."""
+    from vmc_fast.tuning.lora import LoraSettings, factor_pairs
+
+    if base_model != info.base_model:
+        warnings.warn(f"--model {base_model}: not used; a LoRA adapter is exported as it is, without loading a base "
+                      f"model, and its factors are for {info.base_model}", stacklevel=3)
+    pairs = factor_pairs(tensors, str(path))
+    r = next(iter(pairs.values()))[0].shape[0] if pairs else 0
+    scale = (info.lora or LoraSettings(r, r)).scale if r else 1.0
+    down = {name: a.float().contiguous() for name, (a, _) in pairs.items()}
+    up = {name: (b.float() * scale).contiguous() for name, (_, b) in pairs.items()}
+    return LoraFactors(rank=r, down=down, up=up, source="a LoRA adapter, as it was trained",
+                       errors={name: 0.0 for name in pairs})
+
+
 LORA_OF_KIND: dict[str, Callable[[Path, dict, AdapterInfo, str, int], LoraFactors]] = {
     "full": lora_of_full_adapter,
+    "lora": lora_of_lora_adapter,
 }
-"""Adapter kind (`adapter_kind`) -> how it becomes `LoraFactors` (path, tensors, info, base model, rank). A LoRA
-adapter is passed as is (its own rank; alpha / r folded into up) by a ``lora`` entry."""
+"""Adapter kind (`adapter_kind`) -> how it becomes `LoraFactors` (path, tensors, info, base model, rank): a full
+adapter by the truncated SVD of its change, a LoRA adapter as is (its own rank; alpha / r folded into up)."""
 
 
 # ------------------------------------------------------------------------------------------------ the record

@@ -4,7 +4,9 @@ Setup is a fixed sequence of named steps — load → surgery → fingerprint �
 attention backend → compile; the optimizer step comes last (a plain optimizer per video, or one DeepSpeed engine
 per session, see vmc_fast.tuning.steps).
 Between videos only the trainable tensors are reset (copied back from a snapshot), so nothing is rebuilt and
-frozen weights are never copied per video.
+frozen weights are never copied per video. With ``--lora-rank`` the trainable tensors are the LoRA factors
+(`vmc_fast.tuning.lora`): the snapshot holds B = 0 and A drawn from the run's seed, so every video starts from the
+same factors whatever its position.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from vmc_fast.models.registry import Backbone, LoadOptions, load_backbone
 from vmc_fast.runtime import COMPUTE_DTYPES, compute_dtype
 from vmc_fast.tuning.adapters import base_fingerprint, base_reference, sampled_frames, save_adapter
 from vmc_fast.tuning.loop import StepStats, TuneResult, tune
+from vmc_fast.tuning.lora import LoraSettings
 from vmc_fast.tuning.losses import loss_formula
 from vmc_fast.tuning.steps import OptimizerStep, TorchStep, whole_parameters
 from vmc_fast.tuning.surgery import (
     SurgeryReport,
+    prepare_for_lora_tuning,
     prepare_for_motion_tuning,
     trainable_state,
 )
@@ -59,8 +63,12 @@ class TuningSession:
 
     def __init__(self, cfg: RunConfig, device: str = "cpu",
                  make_optimizer_step: Callable[[torch.nn.Module, list], OptimizerStep] | None = None,
-                 write_adapters: bool = True):
+                 write_adapters: bool = True, init_seed: int | None = None):
+        """`init_seed`: seed of the LoRA factors' initialisation (default: cfg.train.seed); ranks that tune one
+        video together must start from the same factors, so under ZeRO each passes the run's seed (their
+        cfg.train.seed is offset by their rank, for their own noise)."""
         self.cfg = cfg
+        self.init_seed = cfg.train.seed if init_seed is None else init_seed
         self.write_adapters = write_adapters
         self.device = torch.device(device)
         self.backbone = self._load()
@@ -101,8 +109,16 @@ class TuningSession:
         return apply_frozen_precision(self.backbone.unet, "int8", self.compute_dtype)
 
     def _surgery(self) -> SurgeryReport:
-        return prepare_for_motion_tuning(self.backbone.unet,
-                                         self.cfg.model.trainable_pattern or self.backbone.trainable_pattern)
+        pattern = self.cfg.model.trainable_pattern or self.backbone.trainable_pattern
+        if self.lora is not None:  # PEFT LoRA layers on the same Q/K/V, initialised from the run's seed
+            return prepare_for_lora_tuning(self.backbone.unet, self.lora, pattern, seed=self.init_seed)
+        return prepare_for_motion_tuning(self.backbone.unet, pattern)
+
+    @property
+    def lora(self) -> LoraSettings | None:
+        """Rank and alpha of the LoRA this session trains (`vmc_fast.tuning.lora`); None: full Q/K/V tuning."""
+        model = self.cfg.model
+        return LoraSettings(model.lora_rank, model.lora_alpha or model.lora_rank) if model.lora_rank else None
 
     def _checkpointing(self) -> None:
         if not self.cfg.model.gradient_checkpointing:
@@ -223,7 +239,7 @@ class TuningSession:
                    "skipped_steps": result.skipped_steps, "request_hash": request_hash},
             base=self.base, sampling=self.sampling_record(video, clip),
             encoded_prompt=self.encoded_prompts.get(prompt), dtype=self.cfg.adapter_dtype,
-            base_tensors=self.base_tensors(),
+            base_tensors=self.base_tensors(), lora=self.lora,
         )
 
     def base_tensors(self) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from vmc_fast.config import DEFAULT_TRAINABLE_PATTERN
 from vmc_fast.errors import VmcError
+from vmc_fast.tuning.lora import LoraSettings, adapter_key, base_name, init_lora, inject_lora, lora_targets
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,14 @@ class SurgeryReport:
     num_trainable: int
     """Trainable parameters."""
     num_total: int
-    """All parameters of the UNet."""
+    """All parameters of the UNet (LoRA factors included)."""
+    lora_rank: int = 0
+    """LoRA rank of the trainable factors; 0: the selected tensors themselves are tuned."""
 
     def __str__(self) -> str:
         share = 100.0 * self.num_trainable / max(self.num_total, 1)
-        return (f"{self.num_tensors} trainable tensors, {self.num_trainable:,} of {self.num_total:,} parameters "
+        what = f"LoRA rank {self.lora_rank}: " if self.lora_rank else ""
+        return (f"{what}{self.num_tensors} trainable tensors, {self.num_trainable:,} of {self.num_total:,} parameters "
                 f"({share:.2f}%)")
 
 
@@ -76,7 +80,34 @@ def prepare_for_motion_tuning(unet: nn.Module, pattern: str | None = None,
     )
 
 
+def prepare_for_lora_tuning(unet: nn.Module, settings: LoraSettings, pattern: str | None = None, seed: int = 0,
+                            master_dtype: torch.dtype = torch.float32) -> SurgeryReport:
+    """Freeze everything, wrap the linear layers whose weights `pattern` selects (default: `default_pattern`) in
+    PEFT LoRA layers of `settings` (`vmc_fast.tuning.lora.inject_lora`, initialised from `seed`) and make only
+    their factors trainable, in `master_dtype`. VmcError naming --trainable if nothing matches, naming --lora-rank
+    if a selected tensor is not a linear weight."""
+    pattern = pattern or default_pattern(unet)
+    unet.requires_grad_(False)
+    selected = [name for name, _ in temporal_qkv_parameters(unet, pattern)]
+    if not selected:
+        prepare_for_motion_tuning(unet, pattern)  # raises the --trainable error
+    inject_lora(unet, lora_targets(unet, selected), settings, seed)
+    unet.requires_grad_(False)
+    trainable = [(name, p) for name, p in unet.named_parameters() if base_name(name) is None]
+    for _, param in trainable:
+        param.data = param.data.to(master_dtype)
+        param.requires_grad_(True)
+    init_lora(unet, seed)  # again in master_dtype: PEFT made the factors in the base's dtype (bf16 rounds A)
+    return SurgeryReport(
+        num_tensors=len(trainable),
+        num_trainable=sum(p.numel() for _, p in trainable),
+        num_total=sum(p.numel() for p in unet.parameters()),
+        lora_rank=settings.rank,
+    )
+
+
 def trainable_state(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """The tuned tensors under the base model's own names, detached copies on the CPU."""
-    return {name: p.detach().to("cpu", copy=True).contiguous()
+    """The tuned tensors, detached copies on the CPU, under the names adapter files use: the base model's own for
+    full tuning, ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` for LoRA (`vmc_fast.tuning.lora`)."""
+    return {adapter_key(name): p.detach().to("cpu", copy=True).contiguous()
             for name, p in unet.named_parameters() if p.requires_grad}
