@@ -27,7 +27,7 @@ from vmc_fast.inference.generate import generate
 from vmc_fast.models import load_backbone
 from vmc_fast.tuning.adapters import apply_adapter, base_tensors, read_adapter
 from vmc_fast.tuning.export import PEFT_WEIGHTS, adapter_kind, export_adapter
-from vmc_fast.tuning.lora import init_lora, lora_layers
+from vmc_fast.tuning.lora import init_lora, lora_layers, lora_settings
 from vmc_fast.tuning.session import TuningSession
 from vmc_fast.tuning.surgery import temporal_qkv_parameters
 
@@ -43,12 +43,13 @@ def _video(folder: Path, step: int = 2, name: str = "square.mp4") -> Path:
 
 
 def _session(model: str, folder: Path, rank: int = 4, alpha: float | None = None, steps: int = 3,
-             **train) -> TuningSession:
+             adapter_dtype: str = "fp32", **train) -> TuningSession:
+    """fp32 adapters unless asked: the tests compare tensors exactly."""
     height, width = SIZE.get(model, (32, 32))
     cfg = RunConfig(data=DataConfig(videos=str(folder), num_frames=8, height=height, width=width),
                     model=ModelConfig(model_id=model, lora_rank=rank, lora_alpha=alpha),
                     train=TrainConfig(steps=steps, learning_rate=1e-2, **train), prompt=PROMPT,
-                    out_dir=str(folder / "out"), cache_dir=str(folder / "cache"))
+                    out_dir=str(folder / "out"), cache_dir=str(folder / "cache"), adapter_dtype=adapter_dtype)
     return TuningSession(cfg)
 
 
@@ -119,6 +120,25 @@ def test_a_lora_adapter_is_several_times_smaller_than_a_full_one(tmp_path):
     full = _tune(_session("tiny-random", tmp_path, rank=0, steps=1), video, tmp_path / "full.safetensors")
     assert adapter_kind(load_file(full)) == "full"
     assert lora.stat().st_size * 3 < full.stat().st_size, (lora.stat().st_size, full.stat().st_size)
+
+
+def test_a_bf16_lora_adapter_stores_rounded_factors_and_applies_within_its_recorded_error(tmp_path):
+    video = _video(tmp_path)
+    exact = _tune(_session("tiny-random", tmp_path, rank=4, steps=2), video, tmp_path / "fp32.safetensors")
+    rounded = _tune(_session("tiny-random", tmp_path, rank=4, steps=2, adapter_dtype="bf16"), video,
+                    tmp_path / "bf16.safetensors")
+    factors, info = read_adapter(rounded)
+    assert {t.dtype for t in factors.values()} == {torch.bfloat16} and info.lora is not None
+    reference = load_file(exact)
+    nbytes = [sum(t.numel() * t.element_size() for t in d.values()) for d in (factors, reference)]
+    assert nbytes[0] * 2 == nbytes[1] and rounded.stat().st_size < exact.stat().st_size  # tiny: metadata dominates
+    error = sum((factors[k].double() - reference[k].double()).square().sum() for k in reference) ** 0.5 / \
+        sum(reference[k].double().square().sum() for k in reference) ** 0.5
+    assert info.reconstruction["relative_error"] == pytest.approx(float(error), rel=1e-6)
+    assert 0 < info.reconstruction["relative_error"] < 1e-2
+    fresh = load_backbone("tiny-random")
+    apply_adapter(fresh.unet, rounded)  # bf16 factors go into the fp32 LoRA layers
+    assert lora_settings(fresh.unet) == info.lora
 
 
 def test_videos_of_a_session_start_from_the_same_factors_whatever_their_position(tmp_path):

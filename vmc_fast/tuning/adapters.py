@@ -245,7 +245,7 @@ def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], *, base_mod
     any dtype; without it only `fingerprint` is checked. `sampling` and `encoded_prompt`: see AdapterInfo.
     dtype ``bf16`` stores each tensor as its change from `base_tensors` (the same names: the values before
     tuning) in bfloat16 and records the reconstruction error; ``fp32`` stores the tensors themselves. LoRA factors
-    are stored as they are (fp32) whatever `dtype`: they are already the change, and small. An adapter
+    are already the change: ``bf16`` stores them rounded to bfloat16 (error recorded the same way). An adapter
     already at `path` with the same ``extra["request_hash"]`` (not None) is kept as it is (write-once).
     Raises ValueError for another dtype, or bf16 without the base value of every tensor.
     """
@@ -278,7 +278,10 @@ def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], *, base_mod
     if lora is not None:
         metadata.update(lora_rank=str(lora.rank), lora_alpha=repr(float(lora.alpha)))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    if dtype == "bf16" and lora is None:  # LoRA factors are stored as they are: they are already the change
+    if dtype == "bf16" and lora is not None:  # the factors are already the change: stored themselves, in bf16
+        tensors, reconstruction = rounded_tensors(tensors)
+        metadata.update(reconstruction=json.dumps(reconstruction, sort_keys=True))
+    elif dtype == "bf16":
         tensors, reconstruction, delta_base = delta_tensors(tensors, base_tensors or {})
         metadata.update(reconstruction=json.dumps(reconstruction, sort_keys=True),
                         delta_base_structure=delta_base.structure, delta_base_samples=delta_base.encode())
@@ -308,6 +311,20 @@ def delta_tensors(tensors: dict[str, torch.Tensor], base_tensors: dict[str, torc
     reconstruction = {"dtype": str(dtype).removeprefix("torch."), "max_abs_error": worst,
                       "relative_error": (lost / total) ** 0.5 if total > 0 else 0.0}
     return deltas, reconstruction, reference
+
+
+def rounded_tensors(tensors: dict[str, torch.Tensor],
+                    dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, torch.Tensor], dict]:
+    """(the tensors rounded to `dtype`, the error: ``relative_error`` ||round(x) - x||_F / ||x||_F over all tensors
+    (0 when all are zero), ``max_abs_error``, ``dtype``), measured in float64 on the CPU."""
+    rounded, lost, total, worst = {}, 0.0, 0.0, 0.0
+    for name, value in tensors.items():
+        rounded[name] = value.to(dtype).contiguous()
+        error = rounded[name].double() - value.double()
+        lost, total = lost + error.square().sum().item(), total + value.double().square().sum().item()
+        worst = max(worst, error.abs().max().item() if error.numel() else 0.0)
+    return rounded, {"dtype": str(dtype).removeprefix("torch."), "max_abs_error": worst,
+                     "relative_error": (lost / total) ** 0.5 if total > 0 else 0.0}
 
 
 def written_request(path: str | Path) -> str | None:
