@@ -251,8 +251,15 @@ class ParallelConfig:
     """DeepSpeed JSON config to start from (see ds_configs/); our recipe's fields override it."""
     timeout_s: int = field(default=1800, metadata=option("--dist-timeout"))
     """Seconds a rank waits for the others in one collective before the run stops with an error."""
+    pack: str = "1"
+    """Videos tuned together in one forward and backward pass of the shared frozen UNet, each with its own Q/K/V
+    (1-256) | auto: as many as fit in free memory (the estimate is printed). Adapters equal those tuned one at a
+    time."""
 
     def __post_init__(self) -> None:
+        self.pack = str(self.pack).strip().lower()
+        check_field(self.pack == "auto" or (self.pack.isdigit() and 1 <= int(self.pack) <= 256), "--pack",
+                    f"{self.pack!r} must be a number of videos from 1 to 256, or auto")
         check_field(1 <= self.num_ranks <= 1024, "--gpus", "must be between 1 and 1024")
         check_field(1 <= self.timeout_s <= 7 * 24 * 3600, "--dist-timeout", "must be between 1 second and 7 days")
         check_field(self.strategy in STRATEGIES, "--strategy", f"must be one of {', '.join(STRATEGIES)}")
@@ -288,6 +295,9 @@ class RunConfig:
         if self.prompt is not None:
             self.prompt = normalized_prompt(self.prompt)
         check_field(self.prompt is None or bool(self.prompt), "--prompt", "must not be empty")
+        check_field(self.parallel.pack == "1" or self.train.precision != "fp16", "--pack",
+                    f"{self.parallel.pack} does not combine with --precision fp16 (one loss scale would be shared "
+                    f"by every video of a pack); use --precision bf16 or fp32, or --pack 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

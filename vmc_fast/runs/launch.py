@@ -14,7 +14,6 @@ reporter is handed in: this module never draws anything itself.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -65,7 +64,7 @@ def train(cfg: RunConfig, reporter: Reporter | None = None) -> RunSummary:
         return launch(cfg, plan)
     reporter = reporter or QuietReporter()
     # The session is built before anything is written: weights that cannot be loaded leave no folder behind.
-    session = _session(cfg, str(resolve_device())) if plan.todo else None
+    session = _session(cfg, str(resolve_device()), num_videos=len(plan.todo)) if plan.todo else None
     out = start_run(cfg, plan)
     reporter.run_started(cfg, plan.todo, plan.num_done)
     if session is not None:
@@ -200,14 +199,14 @@ def run_rank(cfg: RunConfig, todo: list[Job], reporter: Reporter, *, num_done: i
         return
     manifest = Manifest(Path(cfg.out_dir).expanduser())
     if not zero:
-        run_jobs(_session(cfg, device), mine, manifest, reporter)
+        run_jobs(_session(cfg, device, num_videos=len(mine)), mine, manifest, reporter)
         return
-    from vmc_fast.tuning.steps import RankAgreement, ZeroStepFactory
+    from vmc_fast.tuning.steps import RankAgreement, ZeroPackStepFactory, ZeroStepFactory
 
     ranks = RankAgreement()
-    # Each rank draws its own timesteps and noise: an effective batch of one sample per rank.
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + rank))
-    session = _session(cfg, device, write_adapters=rank == 0, make_optimizer_step=ZeroStepFactory(cfg, ranks))
+    session = _session(cfg, device, write_adapters=rank == 0, make_optimizer_step=ZeroStepFactory(cfg, ranks),
+                       num_videos=len(mine), make_pack_step=ZeroPackStepFactory(cfg, ranks))
+    session.rank = rank  # each rank draws its own timesteps and noise: an effective batch of one sample per rank
     run_jobs(AgreeingSession(session, ranks), mine, manifest if rank == 0 else ReadOnlyManifest(manifest),
              reporter)
     torch.distributed.barrier()  # short: all ranks settled the last video together

@@ -507,9 +507,15 @@ def mark_pending(jobs: list[Job], manifest: Manifest) -> None:
 
 
 def run_jobs(session, jobs: list[Job], manifest: Manifest, reporter: Reporter) -> None:
-    """Tune every job in order with one prepared session, recording each outcome; never raises for a video."""
+    """Tune every job in order with one prepared session, recording each outcome; never raises for a video.
+    A session with `pack_size` K > 1 tunes the jobs K at a time (`_run_pack`)."""
     with_prompt = [j for j in jobs if j.prompt]
     embeddings = session.prompt_embeddings(sorted({j.prompt for j in with_prompt})) if with_prompt else {}
+    size = getattr(session, "pack_size", 1)
+    if size > 1:
+        for start in range(0, len(jobs), size):
+            _run_pack(session, jobs[start:start + size], start, len(jobs), embeddings, manifest, reporter)
+        return
     for index, job in enumerate(jobs, 1):
         reporter.video_started(job, index, len(jobs))
         entry = _run_one(session, job, embeddings, manifest, reporter)
@@ -518,22 +524,62 @@ def run_jobs(session, jobs: list[Job], manifest: Manifest, reporter: Reporter) -
 
 def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: Reporter) -> dict:
     if not job.prompt:
-        return manifest.update(job.video, status="failed", error=job.no_prompt or f"video {job.video}: no prompt; "
-                               f"pass --prompt, or put it in a caption file beside the video")
+        return _no_prompt(job, manifest)
     manifest.update(job.video, status="pending", prompt=job.prompt)
     try:
         done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, reporter.step,
                                   on_clip=lambda info: _clip_loaded(reporter, job, info),
                                   request_hash=job.request_hash)
-    except NonFiniteError as exc:  # the step it stopped at goes into the record; no adapter was written
+    except Exception as exc:
+        return _record_failure(job, exc, manifest)
+    return _record_done(job, done, manifest)
+
+
+def _run_pack(session, jobs: list[Job], offset: int, total: int, embeddings: dict, manifest: Manifest,
+              reporter: Reporter) -> None:
+    """Tune `jobs` (at most the session's pack size) in one pass; each outcome is recorded on its own."""
+    from vmc_fast.tuning.session import PackItem
+
+    for index, job in enumerate(jobs, offset + 1):
+        reporter.video_started(job, index, total)
+    packed = [job for job in jobs if job.prompt]
+    for job in jobs:
+        if not job.prompt:
+            reporter.video_finished(job, _no_prompt(job, manifest))
+        else:
+            manifest.update(job.video, status="pending", prompt=job.prompt)
+    items = [PackItem(j.video, j.prompt, embeddings[j.prompt], j.adapter, j.request_hash) for j in packed]
+    try:
+        outcomes = session.tune_pack(items, reporter.step, lambda k, info: _clip_loaded(reporter, packed[k], info))
+    except Exception as exc:  # the whole pass failed (e.g. out of memory): every video of the pack failed
+        outcomes = [exc] * len(packed)
+    for job, outcome in zip(packed, outcomes):
+        entry = _record_failure(job, outcome, manifest) if isinstance(outcome, BaseException) else \
+            _record_done(job, outcome, manifest)
+        reporter.video_finished(job, entry)
+
+
+def _no_prompt(job: Job, manifest: Manifest) -> dict:
+    return manifest.update(job.video, status="failed", error=job.no_prompt or f"video {job.video}: no prompt; "
+                           f"pass --prompt, or put it in a caption file beside the video")
+
+
+def _record_failure(job: Job, exc: BaseException, manifest: Manifest) -> dict:
+    if isinstance(exc, NonFiniteError):  # the step it stopped at goes into the record; no adapter was written
         return manifest.update(job.video, status="failed", error=f"video {job.video.name}: {exc}",
                                nonfinite_step=exc.step)
-    except VmcError as exc:
+    if isinstance(exc, VmcError):
         return manifest.update(job.video, status="failed", error=str(exc))
-    except Exception as exc:  # a bad video must never stop the rest; the traceback goes to the log
-        log = job.adapter.parent / f"{job.adapter.stem}.error.log"
-        log.write_text(traceback.format_exc())
-        return manifest.update(job.video, status="failed", error=f"{type(exc).__name__}: {exc} (traceback: {log})")
+    if not isinstance(exc, Exception):  # KeyboardInterrupt, RankStopped: not a video's failure
+        raise exc
+    # a bad video must never stop the rest; the traceback goes to the log
+    log = job.adapter.parent / f"{job.adapter.stem}.error.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(traceback.format_exception(exc)))
+    return manifest.update(job.video, status="failed", error=f"{type(exc).__name__}: {exc} (traceback: {log})")
+
+
+def _record_done(job: Job, done, manifest: Manifest) -> dict:
     return manifest.update(
         job.video, status="done", adapter=str(Path(done.adapter).resolve()), final_loss=done.result.final_loss,
         seconds=round(done.result.seconds, 3), steps=len(done.result.losses),

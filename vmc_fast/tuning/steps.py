@@ -112,6 +112,35 @@ class TorchStep:
         return contextlib.nullcontext()  # never partitioned
 
 
+class PackedTorchStep:
+    """A plain torch optimizer over packed (K, ...) tensors (`vmc_fast.tuning.packing`): backward of the active
+    videos' summed loss, each video's slices clipped by its own gradient norm, one AdamW update (elementwise, so
+    each slice moves as it would alone). A video whose norm is NaN or inf gets no gradient in that update."""
+
+    def __init__(self, params: list[nn.Parameter], cfg: TrainConfig):
+        self.params = params
+        self.grad_clip = cfg.grad_clip
+        self.optimizer = build_optimizer(params, cfg)
+
+    def __call__(self, losses: torch.Tensor, active: list[int]) -> list[float]:
+        from vmc_fast.tuning.packing import clip_per_video, drop_videos
+
+        num_videos = losses.shape[0]
+        losses[active].sum().backward()
+        drop_videos(self.params, [k for k in range(num_videos) if k not in active])
+        norms = clip_per_video(self.params, self.grad_clip if self.grad_clip > 0 else math.inf, num_videos).tolist()
+        drop_videos(self.params, [k for k in active if not math.isfinite(norms[k])])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms
+
+    def agree(self, ok: bool) -> bool:
+        return ok  # one process
+
+    def full_parameters(self, modify: bool = False) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
 def whole_parameters(step: OptimizerStep | None, modify: bool = False) -> contextlib.AbstractContextManager:
     """The step's gather of partitioned parameters (ZeRO-3); nothing for steps that never partition them."""
     full_parameters = getattr(step, "full_parameters", None)
