@@ -205,7 +205,8 @@ def run_rank(cfg: RunConfig, todo: list[Job], reporter: Reporter, *, num_done: i
 
     ranks = RankAgreement()
     session = _session(cfg, device, write_adapters=rank == 0, make_optimizer_step=ZeroStepFactory(cfg, ranks),
-                       num_videos=len(mine), make_pack_step=ZeroPackStepFactory(cfg, ranks))
+                       num_videos=len(mine), make_pack_step=ZeroPackStepFactory(cfg, ranks),
+                       agree_pack_size=lambda size: ranks.minimum([size])[0])
     session.rank = rank  # each rank draws its own timesteps and noise: an effective batch of one sample per rank
     run_jobs(AgreeingSession(session, ranks), mine, manifest if rank == 0 else ReadOnlyManifest(manifest),
              reporter)
@@ -228,11 +229,36 @@ class AgreeingSession:
         read_input = session.read_input
 
         def read_input_on_every_rank(video: Path):
-            value = read_input(video)
+            try:
+                value = read_input(video)
+            except Exception as exc:  # every rank fails this video with the reason (a RanksFailed)
+                ranks.settle(str(exc) if isinstance(exc, VmcError) else f"{Path(video).name}: {_one_line(exc)}")
+                raise AssertionError("settle() with a problem always raises") from exc  # pragma: no cover
             ranks.settle(None)  # before any collective of the video
             return value
 
         session.read_input = read_input_on_every_rank  # tune_video calls it first (load_input goes through it)
+
+    @property
+    def pack_size(self) -> int:
+        return self.session.pack_size
+
+    def tune_pack(self, items: list, *args, **kwargs) -> list:
+        """`TuningSession.tune_pack` on every rank: a failure of the whole pass (outside a collective) is agreed
+        on like a video's; per-video outcomes already agree (losses are agreed per video, norms are global)."""
+        from vmc_fast.tuning.steps import RanksFailed, RankStopped
+
+        try:
+            outcomes = self.session.tune_pack(items, *args, **kwargs)
+        except RanksFailed:
+            raise
+        except Exception as exc:
+            if self.ranks.broken:
+                raise RankStopped(_one_line(exc)) from exc
+            self.ranks.settle(str(exc) if isinstance(exc, VmcError) else _one_line(exc))
+            raise AssertionError("settle() with a problem always raises")  # pragma: no cover
+        self.ranks.settle(None)
+        return outcomes
 
     def prompt_embeddings(self, prompts: list[str]):
         return self.session.prompt_embeddings(prompts)

@@ -144,12 +144,14 @@ def tune_pack(
         noise = torch.cat([d[1] for d in draws]).to(device)
         losses = vmc_losses(unet, clips, noise, t, abar, text_states, cfg)
         values = [float(v) for v in losses.detach()]
+        finite = optimizer_step.agree_videos([math.isfinite(v) for v in values])  # under ZeRO: on every rank
         for k, value in enumerate(values):
-            if k not in failed and not math.isfinite(value):
-                failed[k] = NonFiniteError(_stopped(f"the loss became {value} at step {step} of {cfg.steps}", cfg,
-                                                    device), step=step)
+            if k not in failed and not finite[k]:
+                what = f"the loss became {value}" if not math.isfinite(value) else \
+                    "the loss became NaN or inf on another rank"
+                failed[k] = NonFiniteError(_stopped(f"{what} at step {step} of {cfg.steps}", cfg, device), step=step)
         active = [k for k in range(num_videos) if k not in failed]
-        if not optimizer_step.agree(bool(active)):
+        if not active:
             break
         norms = optimizer_step(losses, active)
         for k in active:
@@ -179,8 +181,8 @@ class PackStep(Protocol):
         slices were not updated with it)."""
         ...
 
-    def agree(self, ok: bool) -> bool:
-        """Whether `ok` holds on every rank (one process: `ok`)."""
+    def agree_videos(self, finite: list[bool]) -> list[bool]:
+        """Per video, whether its flag holds on every rank (one process: the flags)."""
         ...
 
 

@@ -78,12 +78,14 @@ class TuningSession:
     `pack_size` clips in one pass.
 
     num_videos: how many videos this session will tune (caps --pack; None: no cap). make_pack_step(unet, params)
-    builds the optimizer step of a pack (default: `PackedTorchStep`)."""
+    builds the optimizer step of a pack (default: `PackedTorchStep`). agree_pack_size(K) -> the K every rank
+    uses (ZeRO: the smallest ``auto`` estimate of all ranks)."""
 
     def __init__(self, cfg: RunConfig, device: str = "cpu",
                  make_optimizer_step: Callable[[torch.nn.Module, list], OptimizerStep] | None = None,
                  write_adapters: bool = True, num_videos: int | None = None,
-                 make_pack_step: Callable[[torch.nn.Module, list], PackStep] | None = None):
+                 make_pack_step: Callable[[torch.nn.Module, list], PackStep] | None = None,
+                 agree_pack_size: Callable[[int], int] | None = None):
         self.cfg = cfg
         self.write_adapters = write_adapters
         self.device = torch.device(device)
@@ -94,7 +96,7 @@ class TuningSession:
         self.base = base_reference(self.backbone.unet, exclude=trainable_names)
         self.precision = self._frozen_precision()
         self.pack_estimate: PackEstimate | None = None
-        self.pack: PackState | None = self._packing(num_videos)
+        self.pack: PackState | None = self._packing(num_videos, agree_pack_size)
         self._checkpointing()
         self._attention_backend()
         self._compile()
@@ -133,7 +135,7 @@ class TuningSession:
         return prepare_for_motion_tuning(self.backbone.unet,
                                          self.cfg.model.trainable_pattern or self.backbone.trainable_pattern)
 
-    def _packing(self, num_videos: int | None) -> PackState | None:
+    def _packing(self, num_videos: int | None, agree: Callable[[int], int] | None = None) -> PackState | None:
         """--pack K > 1: replace the tuned Linears by K-slice ones (before checkpointing and compile, which then
         see the packed layers). K is capped at `num_videos`; ``auto`` measures what fits and prints why."""
         limit = min(num_videos or MAX_PACK, MAX_PACK)
@@ -147,6 +149,7 @@ class TuningSession:
             size = self.pack_estimate.num_videos
         else:
             size = min(int(self.cfg.parallel.pack), limit)
+        size = agree(size) if agree is not None else size
         return install_packing(self.backbone.unet, size) if size > 1 else None
 
     def _activation_bytes(self) -> int:
