@@ -359,6 +359,7 @@ def test_worker_gives_the_process_group_the_configured_timeout(tmp_path, monkeyp
     seen = {}
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw))
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects, src: None)  # rank 0's plan
     monkeypatch.setattr(torch.distributed, "barrier", lambda: pytest.fail("the videos strategy waits for no rank"))
     monkeypatch.setattr(launch, "_session", lambda *a, **k: pytest.fail("rank 1 has no video"))
     monkeypatch.setenv("RANK", "1")
@@ -403,3 +404,92 @@ def test_zero_gradient_is_the_rank_average(stage, zero_gradients):
     for name, grad in found["zero"].items():
         torch.testing.assert_close(grad, found["reference"][name], atol=1e-6, rtol=1e-5, msg=name)
         assert not torch.allclose(grad, found["rank0_alone"][name], atol=1e-4)  # the average, not rank 0's own
+
+
+# --------------------------------------------------------------------------------------------- past one machine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["videos", "zero"])
+def test_two_nodes_on_localhost(strategy, tmp_path):
+    """Two launchers with --nodes 2 (one CPU rank each) meet at torchrun's rendezvous and share the videos
+    (videos) or every video (zero), as two ranks of one machine would; node 0 alone records the plan."""
+    videos, out, port = _library(tmp_path), tmp_path / "out", _free_port()
+    env = {**os.environ, "VMC_FAST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "vmc_fast.cli", "train", "--videos", str(videos), "--prompt", "a square moving",
+            "--out", str(out), "--steps", "2", "--nodes", "2", "--master-addr", "127.0.0.1", "--master-port",
+            str(port), "--strategy", strategy, "--json"]
+    nodes = [subprocess.Popen([*base, "--node-rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=tmp_path) for r in (0, 1)]
+    outputs = [node.communicate(timeout=900) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-3000:]
+    assert "rank 1 of 2" in outputs[0][1] + outputs[1][1]
+    entries = _entries(out)
+    assert {e["status"] for e in entries.values()} == {"done"} and len(entries) == 3
+
+
+@pytest.mark.slow
+def test_a_one_host_hostfile_runs_through_the_deepspeed_launcher(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# one machine\nlocalhost slots=2\n")
+    result, out = _train(tmp_path, "--hostfile", str(hostfile), "--strategy", "videos", gpus=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 1 of 2" in result.stderr
+    assert {e["status"] for e in _entries(out).values()} == {"done"}
+
+
+@pytest.mark.parametrize("text, error", [
+    ("", "names no host"),
+    ("worker-1 slots=two\n", "line 1: 'worker-1 slots=two' is not 'HOST slots=N'"),
+    ("worker-1\n", "is not 'HOST slots=N'"),
+    ("a slots=1\n# b\n\na slots=2\n", "line 4: a is listed twice"),
+    ("a slots=0\n", "line 1: a has slots=0"),
+])
+def test_a_bad_hostfile_is_named_with_its_line(text, error, tmp_path):
+    from vmc_fast.config import ParallelConfig
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    with pytest.raises(ValueError, match="--hostfile") as caught:
+        ParallelConfig(hostfile=str(hostfile))
+    assert error in str(caught.value)
+
+
+def test_hostfile_slots_make_the_world(tmp_path):
+    from vmc_fast.config import ParallelConfig, RunConfig
+    from vmc_fast.runs.launch import launcher_command
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-0 slots=8  # first\nworker-1 slots=4\n")
+    with pytest.raises(ValueError, match="--master-addr"):
+        ParallelConfig(hostfile=str(hostfile))
+    parallel = ParallelConfig(hostfile=str(hostfile), master_addr="worker-0", master_port=29600)
+    assert parallel.world_size == 12
+    command = launcher_command(RunConfig(parallel=parallel), "plan.json")
+    assert command[1:3] == ["-m", "deepspeed.launcher.runner"] and "--no_ssh_check" not in command
+    assert command[command.index("--master_port") + 1] == "29600" and command[-3:] == ["vmc_fast.cli", "rank",
+                                                                                        "plan.json"]
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"nodes": 2}, "--master-addr"),
+    ({"nodes": 2, "node_rank": 2, "master_addr": "n0"}, "--node-rank"),
+    ({"master_port": 70000}, "--master-port"),
+])
+def test_node_options_are_checked(options, error):
+    from vmc_fast.config import ParallelConfig
+
+    with pytest.raises(ValueError, match=error):
+        ParallelConfig(**options)
+
+
+def test_nodes_launch_through_torchrun_rendezvous():
+    from vmc_fast.config import ParallelConfig, RunConfig
+    from vmc_fast.runs.launch import launcher_command
+
+    cfg = RunConfig(parallel=ParallelConfig(num_ranks=8, nodes=4, node_rank=3, master_addr="n0", master_port=29400))
+    command = launcher_command(cfg, "plan.json")
+    assert cfg.parallel.world_size == 32
+    assert {"--nproc-per-node=8", "--nnodes=4", "--node-rank=3", "--master-addr=n0", "--master-port=29400"} \
+        <= set(command)

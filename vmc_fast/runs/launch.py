@@ -48,6 +48,8 @@ from vmc_fast.runtime import resolve_device
 
 WORKER_COMMAND = ("-m", "vmc_fast.cli", "rank")
 """How a launched rank starts: the CLI's hidden `rank` command, which builds its reporter and calls `worker`."""
+DEFAULT_TIMEOUT_S = 1800
+"""Collective timeout of a rank on a host without the plan file, until rank 0's plan arrives."""
 STOP_GRACE_S = 30
 """Seconds launched ranks get to stop after Ctrl-C before they are killed."""
 
@@ -60,7 +62,7 @@ def train(cfg: RunConfig, reporter: Reporter | None = None) -> RunSummary:
     is written.
     """
     plan = plan_run(cfg)
-    if cfg.parallel.num_ranks > 1 or plan.strategy == "zero":
+    if cfg.parallel.multi_rank or plan.strategy == "zero":
         return launch(cfg, plan)
     reporter = reporter or QuietReporter()
     # The session is built before anything is written: weights that cannot be loaded leave no folder behind.
@@ -111,13 +113,37 @@ def launch(cfg: RunConfig, plan: Plan) -> RunSummary:
         plan_file = Path(folder) / "plan.json"
         plan_file.write_text(json.dumps({"config": cfg.to_dict(), "todo": [j.to_dict() for j in plan.todo],
                                          "num_done": plan.num_done, "strategy": plan.strategy}))
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={num_ranks}",
-                   f"--master-port={_free_port()}", *WORKER_COMMAND, str(plan_file)]
-        returncode = _wait(subprocess.Popen(command, env=env))
+        returncode = _wait(subprocess.Popen(launcher_command(cfg, str(plan_file)), env=env))
         if returncode != 0:
-            raise VmcError(f"{num_ranks} ranks: {_rank_errors(Path(folder), returncode)}; the run stopped; "
-                           f"finished videos are in {out}/manifest.jsonl; rerun the same command to resume")
+            raise VmcError(f"{cfg.parallel.world_size} ranks: {_rank_errors(Path(folder), returncode)}; the run "
+                           f"stopped; finished videos are in {out}/manifest.jsonl; rerun the same command to resume")
     return summarize(out, plan.jobs)
+
+
+def launcher_command(cfg: RunConfig, plan_file: str) -> list[str]:
+    """The command that starts this machine's ranks, each running `worker` on `plan_file`:
+    - --hostfile: the DeepSpeed launcher (``deepspeed.launcher.runner``), which starts each host's slots over
+      pdsh/ssh (one host: locally, no ssh);
+    - --nodes N: torch.distributed.run's static rendezvous at --master-addr:--master-port, --gpus ranks here;
+    - one machine: torch.distributed.run with --gpus ranks on a free port."""
+    par = cfg.parallel
+    if par.hostfile is not None:
+        from vmc_fast.config import read_hostfile
+
+        hosts = read_hostfile(par.hostfile)
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(Path(par.hostfile).resolve()),
+                   "--master_addr", par.master_addr or "127.0.0.1",
+                   "--master_port", str(par.master_port if len(hosts) > 1 else _free_port())]
+        if len(hosts) == 1:
+            command.append("--no_ssh_check")  # one host: launched here, no ssh involved
+        return [*command, "--module", "--no_local_rank", WORKER_COMMAND[1], *WORKER_COMMAND[2:], plan_file]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={par.num_ranks}"]
+    if par.nodes > 1:
+        command += [f"--nnodes={par.nodes}", f"--node-rank={par.node_rank}", f"--master-addr={par.master_addr}",
+                    f"--master-port={par.master_port}"]
+    else:
+        command.append(f"--master-port={_free_port()}")
+    return [*command, *WORKER_COMMAND, plan_file]
 
 
 def _wait(process: subprocess.Popen) -> int:
@@ -155,15 +181,18 @@ def worker(plan_file: str, make_reporter: Callable[[int], Reporter]) -> None:
 
     make_reporter(rank) -> the reporter of this rank (the CLI draws on rank 0 only).
     """
-    payload = json.loads(Path(plan_file).read_text())
-    cfg = RunConfig.from_dict(payload["config"])
+    local = Path(plan_file)
+    payload = json.loads(local.read_text()) if local.is_file() else None  # on another host: rank 0 sends it
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         torch.cuda.set_device(device)
     backend = "nccl" if device != "cpu" else "gloo"
-    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    timeout = payload["config"]["parallel"]["timeout_s"] if payload else DEFAULT_TIMEOUT_S
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    payload = _plan_of_rank_0(payload)
+    cfg = RunConfig.from_dict(payload["config"])
     print(f"rank {rank} of {world_size}: {device}, backend {backend}", file=sys.stderr, flush=True)
     try:
         todo = [Job.from_dict(job) for job in payload["todo"]]
@@ -172,10 +201,19 @@ def worker(plan_file: str, make_reporter: Callable[[int], Reporter]) -> None:
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt):
             message = str(exc) if isinstance(exc, (VmcError, ValueError)) else _one_line(exc)
-            (Path(plan_file).parent / f"rank{rank}.error").write_text(message + "\n")
+            if local.parent.is_dir():  # the launcher on this host reports it
+                (local.parent / f"rank{rank}.error").write_text(message + "\n")
         raise
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _plan_of_rank_0(payload: dict | None) -> dict:
+    """Global rank 0's plan on every rank: on several machines each launcher planned on its own, and only node 0's
+    plan (the one whose jobs were recorded as pending) counts."""
+    shared = [payload]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -204,7 +204,7 @@ def plan_run(cfg: RunConfig) -> Plan:
     entries = manifest.read()
     jobs = plan_jobs(cfg, entries)
     strategy = resolve_strategy(cfg, len(jobs))
-    zero_ranks = cfg.parallel.num_ranks if strategy == "zero" else None
+    zero_ranks = cfg.parallel.world_size if strategy == "zero" else None
     for job in jobs:
         job.request = request_key(cfg, job, spec, zero_ranks=zero_ranks)
         job.request_hash = request_hash(job.request)
@@ -218,7 +218,7 @@ def resolve_strategy(cfg: RunConfig, num_videos: int) -> str:
     """``auto`` picks ``videos`` when every rank gets at least one video, else ``zero``."""
     if cfg.parallel.strategy != "auto":
         return cfg.parallel.strategy
-    return "videos" if num_videos >= cfg.parallel.num_ranks else "zero"
+    return "videos" if num_videos >= cfg.parallel.world_size else "zero"
 
 
 def plan_jobs(cfg: RunConfig, entries: dict[str, dict] | None = None) -> list[Job]:
@@ -335,7 +335,7 @@ def start_run(cfg: RunConfig, plan: Plan) -> Path:
     """After every check passed: create --out, save config.json, record the jobs to tune as `pending`. A rerun
     with nothing to tune writes nothing."""
     out = Path(cfg.out_dir).expanduser()
-    if plan.todo:
+    if plan.todo and cfg.parallel.node_rank == 0:  # other nodes share the folder that node 0 records in
         prepare_out_dir(cfg)
         mark_pending(plan.todo, Manifest(out))
     return out
