@@ -187,7 +187,9 @@ class PackStep(Protocol):
 
 
 def _nonfinite_slice(unet: nn.Module, k: int, cfg: TrainConfig, device) -> dict[int, NonFiniteError]:
-    bad = [name for name, p in unet.named_parameters() if p.requires_grad and not torch.isfinite(p[k]).all()]
+    # (ZeRO-3 leaves empty placeholders in the module: nothing to look at there, as in `_check_finite_weights`)
+    bad = [name for name, p in unet.named_parameters()
+           if p.requires_grad and p.shape[0] > k and not torch.isfinite(p[k]).all()]
     if not bad:
         return {}
     return {k: NonFiniteError(_stopped(f"{len(bad)} tuned tensors hold NaN or inf after step {cfg.steps} "

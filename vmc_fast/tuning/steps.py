@@ -457,7 +457,8 @@ def _local_grad_pieces(param: nn.Parameter, stage: int) -> list[tuple[torch.Tens
     what writes them back or None when they are scaled in place) of a packed (K, ...) parameter, right after
     engine.backward: stage 0 the whole averaged gradient, stage 1-2 this rank's fragment (DeepSpeed's
     `_hp_mapping`), stage 3 its local partition without the padding (handed out as a copy, written back)."""
-    per_video = param[0].numel()
+    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 leaves an empty placeholder in the module
+    per_video = math.prod(shape[1:])
     if stage == 0:
         return [] if param.grad is None else [(param.grad.view(-1), 0, per_video, None)]
     if hasattr(param, "ds_id"):
