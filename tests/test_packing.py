@@ -164,3 +164,25 @@ def test_pack_auto_prints_its_estimate_and_fits_the_videos(tmp_path, capsys):
     assert {e["status"] for e in entries.values()} == {"done"}
     err = capsys.readouterr().err
     assert "--pack auto:" in err and "GiB free" in err and "3 video(s) per pack" in err  # tiny: all 3 fit
+
+
+def test_one_adamw_over_packed_tensors_moves_each_slice_as_its_own_adamw_would():
+    """AdamW (with weight decay) is elementwise: one optimizer over (K, ...) tensors equals K optimizers."""
+    torch.manual_seed(0)
+    start = [torch.randn(3, 4, 5), torch.randn(3, 6)]
+    packed = [torch.nn.Parameter(t.clone()) for t in start]
+    alone = [[torch.nn.Parameter(t[k].clone()) for t in start] for k in range(3)]
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    optimizers = [torch.optim.AdamW(packed, **kwargs)] + [torch.optim.AdamW(a, **kwargs) for a in alone]
+    for _ in range(4):
+        grads = [torch.randn_like(t) * torch.tensor([1.0, 1e-3, 1e3]).view(3, *[1] * (t.dim() - 1)) for t in start]
+        for p, g in zip(packed, grads):
+            p.grad = g.clone()
+        for k in range(3):
+            for p, g in zip(alone[k], grads):
+                p.grad = g[k].clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    for k in range(3):
+        for p, a in zip(packed, alone[k]):
+            torch.testing.assert_close(p.detach()[k], a.detach(), rtol=0, atol=1e-7)

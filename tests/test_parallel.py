@@ -493,3 +493,18 @@ def test_nodes_launch_through_torchrun_rendezvous():
     assert cfg.parallel.world_size == 32
     assert {"--nproc-per-node=8", "--nnodes=4", "--node-rank=3", "--master-addr=n0", "--master-port=29400"} \
         <= set(command)
+
+
+@pytest.mark.slow
+def test_videos_strategy_packs_each_ranks_own_videos(tmp_path):
+    """--strategy videos with --pack 2 on 2 ranks: rank 0 packs a and c, rank 1 tunes b; every adapter equals the
+    one plain training tunes one at a time in one process (draws follow the video, not the rank or the pack)."""
+    runs = {}
+    for name, extra, gpus in (("packed", ["--strategy", "videos", "--pack", "2"], 2), ("plain", [], 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        result, out = _train(folder, "--grad-clip", "0.01", *extra, gpus=gpus)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = _adapters(out)
+    for name in "abc":
+        assert _max_difference(runs["packed"][name], runs["plain"][name]) < 1e-5, name

@@ -76,11 +76,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     dataclasses.replace(FAST, name="fast+xformers", attention="xformers", about="fast, xformers temporal attention"),
     dataclasses.replace(FAST, name="fast-eager+ckpt", compile="off", checkpointing=True,
                         about="fast eager, checkpointing"),
-    Preset("fp32-eager", "fp32", "fp32", False, "off", about="fp32 weights and compute, eager (CPU --pack runs)"),
+    dataclasses.replace(FAST, name="fast-eager+fp32", compile="off", frozen_dtype="fp32", precision="fp32",
+                        about="fast eager, fp32 weights and compute (CPU --pack runs)"),
     dataclasses.replace(FAST, name="fast-eager+int8", compile="off", frozen_dtype="int8", optimizer="adamw8bit",
                         about="fast eager, int8 linears + 8-bit convs, 8-bit AdamW"),
 )}
-PACK_PRESETS = {"cuda": "fast-eager", "cpu": "fp32-eager"}
+PACK_PRESETS = {"cuda": "fast-eager", "cpu": "fast-eager+fp32"}
 """The preset `--pack` runs by default: no compile (a pack size is one more graph to build), and on the CPU fp32
 (bf16 matmuls are slow there, fp16 does not combine with packs)."""
 DEFAULT_PRESETS_GPU = ("paper", "fast", "fast-eager", "fast+int8", "paper+bf16", "paper-t5-freed")
@@ -166,7 +167,7 @@ class BenchConfig:
     """After timing, profile 3 steps of each preset with torch.profiler and write FOLDER/profile-<preset>.txt."""
     pack: tuple[int, ...] | None = None
     """Comma-separated pack sizes (e.g. 1,2,4,8): run one preset (the first of --presets; default fast-eager on
-    GPU, fp32-eager on CPU) once per size and report videos/hour for each."""
+    GPU, fast-eager+fp32 on CPU) once per size and report videos/hour for each."""
 
     def __post_init__(self) -> None:
         check_field(self.pack is None or (bool(self.pack) and all(1 <= k <= 256 for k in self.pack)), "--pack",
