@@ -163,6 +163,10 @@ Examples:\n
   vmc-fast train --videos clips/ --gpus 4 --out library/\n
   # captions in clips/NAME.txt made motion-only\n
   vmc-fast train --videos clips/ --derive-prompt\n
+  # 8 videos per pass of the frozen UNet on each of 4 GPUs (auto: as many as fit)\n
+  vmc-fast train --videos clips/ --gpus 4 --pack 8 --out library/\n
+  # machine 1 of 2 (the same command with --node-rank 0 on node0); folders shared\n
+  vmc-fast train --videos /shared/clips --out /shared/library --gpus 8 --nodes 2 --node-rank 1 --master-addr node0\n
   # AnimateDiff: a Stable Diffusion 1.5 base + a motion adapter (its motion modules' attention Q/K/V are tuned)\n
   vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --model stable-diffusion-v1-5/stable-diffusion-v1-5+guoyww/animatediff-motion-adapter-v1-5-2 --height 256 --width 256
 """

@@ -15,7 +15,8 @@ Parts, in order (default: all):
   ablations in one invocation -> bench.log, bench-cuda.jsonl (one JSON record per finished preset).
 - ``pack`` (not in the default list; run it as ``run.sh setup,pack``, about 3 minutes): ``vmc-fast bench --pack
   1,2,4,8`` on show1-base-arch at 8x40x64 (fast-eager: bf16, no compile), one fresh process per K -> pack.log,
-  pack/bench-cuda.jsonl: videos/hour per K (400 steps a video), the issue-13 target being 400 on one H200.
+  pack/bench-cuda.jsonl: videos/hour per K (400 steps a video), the issue-13 target being 400 on one H200. K=8
+  needs about 85 GB (8 x (8 GB activations + 2.15 GB adapter state) + 3.2 GB frozen): an H200, not an H100.
 - ``toy`` (not in the default list; run it as ``run.sh setup,toy``): pretrains the toy model for as many steps as
   fit its budget (measured first, so the run is an exact, reproducible command), exports the weights and runs
   `vmc-fast eval` on them (no-tuning and cos, from noise and from inversion) -> toy.tar: the exported weights with
