@@ -99,6 +99,9 @@ def test_run_parses_parts_and_budgets():
     run = _load("run")
     args = run.parse_args(["bench,setup", "--budget", "bench=30", "--out", "/tmp/x"])
     assert args.parts == ["setup", "bench"] and args.budgets["bench"] == 30
+    pack = run.parse_args(["setup,pack"])
+    assert pack.parts == ["setup", "pack"] and pack.budgets["pack"] <= 180  # fits about 3 minutes
+    assert "pack" not in run.parse_args([]).parts  # the default parts fill one 10-minute command already
     with pytest.raises(SystemExit):
         run.parse_args(["warp"])
     with pytest.raises(SystemExit):
@@ -108,11 +111,12 @@ def test_run_parses_parts_and_budgets():
 @pytest.mark.slow
 def test_dry_run_checks_the_parts_a_cpu_can_check(tmp_path):
     """Without wheels (as in CI) only the setup part can fail; the tests, profile and bench parts must pass."""
-    done = subprocess.run(["bash", str(GPU_DIR / "run.sh"), "tests,profile,bench", "--dry-run", "--out",
+    done = subprocess.run(["bash", str(GPU_DIR / "run.sh"), "tests,profile,bench,pack", "--dry-run", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = (tmp_path / "summary.txt").read_text()
     assert "tests: ok" in summary and "profile: ok" in summary and "bench: ok" in summary
+    assert "pack: ok" in summary and "--pack" in summary
     assert "run(command='bash benchmarks/gpu/run.sh --out $OUT', carry=['.whl']" in done.stdout
 
 

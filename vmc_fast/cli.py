@@ -216,6 +216,10 @@ Examples:\n
   vmc-fast train --videos clips/ --derive-prompt\n
   # a LoRA of rank 16 on the same temporal Q/K/V (PEFT): adapters of a few MB instead of hundreds\n
   vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --lora-rank 16\n
+  # 8 videos per pass of the frozen UNet on each of 4 GPUs (auto: as many as fit)\n
+  vmc-fast train --videos clips/ --gpus 4 --pack 8 --out library/\n
+  # machine 1 of 2 (the same command with --node-rank 0 on node0); folders shared\n
+  vmc-fast train --videos /shared/clips --out /shared/library --gpus 8 --nodes 2 --node-rank 1 --master-addr node0\n
   # AnimateDiff: a Stable Diffusion 1.5 base + a motion adapter (its motion modules' attention Q/K/V are tuned)\n
   vmc-fast train --videos bird.mp4 --prompt "a bird is flying" --model stable-diffusion-v1-5/stable-diffusion-v1-5+guoyww/animatediff-motion-adapter-v1-5-2 --height 256 --width 256
 """
@@ -417,31 +421,37 @@ Examples:\n
   # the default presets side by side (Show-1 base architecture on a GPU, a tiny model on CPU)\n
   vmc-fast bench\n
   # two presets, 50 timed steps, machine-readable\n
-  vmc-fast bench --presets paper,fast --steps 50 --json
+  vmc-fast bench --presets paper,fast --steps 50 --json\n
+  # videos/hour when 1, 2, 4 or 8 videos share one pass (--pack)\n
+  vmc-fast bench --pack 1,2,4,8 --steps 20
 """
 
 
 def _bench(cfg, console: Console, json_output: bool) -> None:
     import json
+    from functools import partial
 
-    from vmc_fast.reporting import bench_table
-    from vmc_fast.studies.bench import run_presets
+    from vmc_fast.reporting import bench_table, pack_table
+    from vmc_fast.studies.bench import run_packs, run_presets
 
     options, names = cfg.bench_options(), cfg.preset_names()
-    console.print(f"[bold]vmc-fast bench[/] {options.model_id} on {options.device}: {len(names)} presets, "
-                  f"{options.warmup} warm-up + {options.steps} timed steps each, one fresh process per preset",
+    what = f"{len(names)} presets" if cfg.pack is None else f"{names[0]} at --pack {','.join(map(str, cfg.pack))}"
+    console.print(f"[bold]vmc-fast bench[/] {options.model_id} on {options.device}: {what}, "
+                  f"{options.warmup} warm-up + {options.steps} timed steps each, one fresh process per run",
                   soft_wrap=True)
+    run = run_presets if cfg.pack is None else partial(run_packs, names[0], list(cfg.pack))
     try:
-        with _interruptible(f"presets finished so far are in {cfg.results}"):
-            records, failures = run_presets(
-                names, options, Path(cfg.results), timeout_s=cfg.preset_timeout,
-                on_result=lambda r: console.print(f"  {r['preset']['name']}: {r['step_seconds'] * 1000:.1f} "
-                                                  f"ms/step, {r['compile_seconds']:.0f} s compiling", soft_wrap=True),
+        with _interruptible(f"runs finished so far are in {cfg.results}"):
+            records, failures = run(
+                *([names] if cfg.pack is None else []), options, Path(cfg.results), timeout_s=cfg.preset_timeout,
+                on_result=lambda r: console.print(f"  {r['preset']['name']} --pack {r['pack']}: "
+                                                  f"{r['step_seconds'] * 1000:.1f} ms/step, "
+                                                  f"{r['compile_seconds']:.0f} s compiling", soft_wrap=True),
                 on_failure=lambda f: console.print(f"  {f.name}: {f.status}: {f.reason}", soft_wrap=True))
     except (VmcError, ValueError) as exc:
         _fail(str(exc), console)
     if records:
-        console.print(bench_table(records))
+        console.print(bench_table(records) if cfg.pack is None else pack_table(records))
     for failure in failures:
         console.print(f"[yellow]{failure.name}: {failure.status}[/]: {escape(failure.reason)}", soft_wrap=True)
     if json_output:

@@ -259,8 +259,40 @@ class ParallelConfig:
     """DeepSpeed JSON config to start from (see ds_configs/); our recipe's fields override it."""
     timeout_s: int = field(default=1800, metadata=option("--dist-timeout"))
     """Seconds a rank waits for the others in one collective before the run stops with an error."""
+    nodes: int = 1
+    """Machines of one run (torchrun rendezvous): run the same command on each, with its --node-rank and the same
+    --master-addr and --master-port; --gpus ranks on each."""
+    node_rank: int = 0
+    """This machine's index among --nodes (0 is the one at --master-addr, which plans and records the run)."""
+    master_addr: str | None = None
+    """Address of node 0 that every node can reach (needed with --nodes above 1 or several hosts in --hostfile)."""
+    master_port: int = 29500
+    """Free TCP port on node 0 for the rendezvous, the same on every node (one machine: a free port is picked)."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile ('HOST slots=N' per line, # comments): the DeepSpeed launcher starts N ranks on each
+    host over passwordless ssh (run from the first host; the folders must be shared)."""
+    pack: str = "1"
+    """Videos tuned together in one forward and backward pass of the shared frozen UNet, each with its own Q/K/V
+    (1-256) | auto: as many as fit in free memory (the estimate is printed). Adapters equal those tuned one at a
+    time."""
 
     def __post_init__(self) -> None:
+        check_field(1 <= self.nodes <= 1024, "--nodes", "must be between 1 and 1024")
+        check_field(0 <= self.node_rank < self.nodes, "--node-rank",
+                    f"{self.node_rank} must be 0..{self.nodes - 1} (one less than --nodes {self.nodes})")
+        check_field(1 <= self.master_port <= 65535, "--master-port", "must be a TCP port, 1..65535")
+        check_field(self.nodes == 1 or bool(self.master_addr), "--master-addr",
+                    f"--nodes {self.nodes} needs the address of node 0, the same on every node (e.g. its hostname)")
+        if self.hostfile is not None:
+            check_field(self.nodes == 1, "--nodes", "--hostfile names the machines itself; drop --nodes/--node-rank")
+            check_field(self.num_ranks == 1, "--gpus", "with --hostfile the slots of each host are its ranks; "
+                        "drop --gpus")
+            hosts = read_hostfile(self.hostfile)
+            check_field(len(hosts) == 1 or bool(self.master_addr), "--master-addr",
+                        f"--hostfile {self.hostfile} names {len(hosts)} hosts: pass the address of the first one")
+        self.pack = str(self.pack).strip().lower()
+        check_field(self.pack == "auto" or (self.pack.isdigit() and 1 <= int(self.pack) <= 256), "--pack",
+                    f"{self.pack!r} must be a number of videos from 1 to 256, or auto")
         check_field(1 <= self.num_ranks <= 1024, "--gpus", "must be between 1 and 1024")
         check_field(1 <= self.timeout_s <= 7 * 24 * 3600, "--dist-timeout", "must be between 1 second and 7 days")
         check_field(self.strategy in STRATEGIES, "--strategy", f"must be one of {', '.join(STRATEGIES)}")
@@ -268,6 +300,41 @@ class ParallelConfig:
         if self.deepspeed_config is not None:
             check_field(Path(self.deepspeed_config).is_file(), "--deepspeed-config",
                         f"{self.deepspeed_config} is not a file")
+
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the whole run: the hostfile's slots, else --nodes x --gpus."""
+        if self.hostfile is not None:
+            return sum(read_hostfile(self.hostfile).values())
+        return self.nodes * self.num_ranks
+
+    @property
+    def multi_rank(self) -> bool:
+        """Whether the run goes through a launcher (more than one rank, or more than one machine)."""
+        return self.world_size > 1 or self.hostfile is not None
+
+
+def read_hostfile(path: str) -> dict[str, int]:
+    """{host: slots} of a DeepSpeed hostfile: one ``HOST slots=N`` per line (N >= 1), blank lines and ``#``
+    comments ignored. ValueError naming --hostfile, the line and the fix for anything else."""
+    file = Path(path).expanduser()
+    check_field(file.is_file(), "--hostfile", f"{path} is not a file; write one 'HOST slots=N' line per machine")
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(file.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        check_field(match is not None, "--hostfile", f"{path} line {number}: {raw.strip()!r} is not 'HOST slots=N' "
+                    f"(e.g. 'worker-1 slots=8')")
+        host, slots = match.group(1), int(match.group(2))
+        check_field(slots >= 1, "--hostfile", f"{path} line {number}: {host} has slots={slots}; give it 1 or more")
+        check_field(host not in hosts, "--hostfile", f"{path} line {number}: {host} is listed twice; list each "
+                    f"machine once with all its slots")
+        hosts[host] = slots
+    check_field(bool(hosts), "--hostfile", f"{path} names no host; write one 'HOST slots=N' line per machine")
+    return hosts
 
 
 @dataclass
@@ -304,6 +371,12 @@ class RunConfig:
         if self.prompt is not None:
             self.prompt = normalized_prompt(self.prompt)
         check_field(self.prompt is None or bool(self.prompt), "--prompt", "must not be empty")
+        check_field(self.parallel.pack == "1" or not self.model.lora_rank, "--pack",
+                    f"{self.parallel.pack} does not combine with --lora-rank yet (PEFT's LoRA layers train one "
+                    f"adapter per pass); use --pack 1 with --lora-rank, or full tuning (--lora-rank 0) with --pack")
+        check_field(self.parallel.pack == "1" or self.train.precision != "fp16", "--pack",
+                    f"{self.parallel.pack} does not combine with --precision fp16 (one loss scale would be shared "
+                    f"by every video of a pack); use --precision bf16 or fp32, or --pack 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -182,6 +182,27 @@ def bench_table(records: list[dict]) -> Table:
     return table
 
 
+def pack_table(records: list[dict]) -> Table:
+    """One row per pack size: ms per step, videos/hour (400 steps a video) and its ratio to the first row."""
+    first = records[0]
+    cuda = "peak_allocated_bytes" in first
+    table = Table(title=f"vmc-fast bench --pack: {first['model']} {first['frames']}x{first['height']}x"
+                        f"{first['width']}, {first['preset']['name']}, {first['device']['name']}")
+    columns = ["K", "ms/step", "ms/step/video", "videos/hour", "vs first", "peak alloc (GiB)" if cuda else
+               "peak RSS (GiB)"] + (["MFU"] if cuda else [])
+    for column in columns:
+        table.add_column(column, justify="right")
+    for r in records:
+        memory = r["peak_allocated_bytes"] if cuda else r["peak_rss_bytes"]
+        row = [str(r["pack"]), f"{r['step_seconds'] * 1000:.1f}", f"{r['step_seconds'] * 1000 / r['pack']:.1f}",
+               f"{r['videos_per_hour']:.1f}", f"{r['videos_per_hour'] / first['videos_per_hour']:.2f}x",
+               f"{memory / 2**30:.2f}"]
+        if cuda:
+            row.append(f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-")
+        table.add_row(*row)
+    return table
+
+
 def _score(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 

@@ -13,13 +13,18 @@ Parts, in order (default: all):
   profile-fast-eager.txt (the operators that take the device's time, and the kernel launches per step).
 - ``bench``: ``vmc-fast bench`` on show1-base-arch at 8x40x64, the paper preset beside ours and the one-lever
   ablations in one invocation -> bench.log, bench-cuda.jsonl (one JSON record per finished preset).
+- ``pack`` (not in the default list; run it as ``run.sh setup,pack``, about 3 minutes): ``vmc-fast bench --pack
+  1,2,4,8`` on show1-base-arch at 8x40x64 (fast-eager: bf16, no compile), one fresh process per K -> pack.log,
+  pack/bench-cuda.jsonl: videos/hour per K (400 steps a video), the issue-13 target being 400 on one H200. K=8
+  needs about 85 GB (8 x (8 GB activations + 2.15 GB adapter state) + 3.2 GB frozen): an H200, not an H100.
 - ``toy`` (not in the default list; run it as ``run.sh setup,toy``): pretrains the toy model for as many steps as
   fit its budget (measured first, so the run is an exact, reproducible command), exports the weights and runs
   `vmc-fast eval` on them (no-tuning and cos, from noise and from inversion) -> toy.tar: the exported weights with
   their README (the command), the eval's files and the logs.
 
 Files in OUT (at most 8 come back from the device tool): summary.txt, setup.log, tests.log, profile.log,
-profile-fast-eager.txt, bench.log, bench-cuda.jsonl; toy.tar for the toy part.
+profile-fast-eager.txt, bench.log, bench-cuda.jsonl; pack.log and pack/bench-cuda.jsonl for the pack part; toy.tar
+for the toy part.
 
 ``--dry-run`` (on the CPU) checks what can be checked without a GPU: the wheel list against .whl/ and the 64 MiB
 carry limit, that pytest collects the gpu tests, that the bench accepts every preset and option the part passes;
@@ -59,6 +64,12 @@ BENCH_WARMUP = 3
 PROFILED_PRESET = "fast-eager"
 """Eager, so that the profile shows the operators themselves; at 221 ms/step and 4.7% MFU on an H200
 (2026-11-30) it is far from its FLOP bound."""
+PACK_SIZES = os.environ.get("VMC_FAST_GPU_PACK_SIZES", "1,2,4,8")
+"""K of the pack part (VMC_FAST_GPU_PACK_SIZES overrides, e.g. 1,8,16 for a rerun)."""
+PACK_STEPS = int(os.environ.get("VMC_FAST_GPU_PACK_STEPS", 8))
+"""Timed steps per K (after 2 warm-up steps): at K=8 a step is about 8 x 0.2 s on an H200."""
+PACK_TIMEOUT = 70
+"""Seconds one K may take: process start, building the 1.7 B-parameter UNet, warm-up and timed steps."""
 BENCH_PRESET_TIMEOUT = 150
 TEST_TIMEOUT = 100
 """Seconds one gpu test may take (pytest-timeout, where installed): a hung NCCL rendezvous must not eat the part."""
@@ -93,6 +104,7 @@ PARTS = {p.name: p for p in (
     Part("tests", 170, "pytest -m gpu"),
     Part("profile", 60, "torch.profiler over 3 steps of fast-eager on show1-base-arch"),
     Part("bench", 240, "vmc-fast bench on show1-base-arch"),
+    Part("pack", 180, "vmc-fast bench --pack 1,2,4,8 on show1-base-arch: videos/hour per K (run.sh setup,pack)"),
     Part("toy", 480, "pretrain the toy model within the budget, export it, evaluate it (run alone: run.sh setup,toy)"),
 )}
 
@@ -265,6 +277,23 @@ def part_bench(runner: Runner, budget_s: float) -> tuple[str, str]:
     return ("ok" if status == 0 else "failed"), f"{done} of {len(presets)} presets recorded; {_last_line(log)}"
 
 
+def part_pack(runner: Runner, budget_s: float) -> tuple[str, str]:
+    log, results = runner.out / "pack.log", runner.out / "pack"
+    sizes = [int(k) for k in PACK_SIZES.split(",") if k]
+    command = [sys.executable, "-m", "vmc_fast.cli", "bench", "--model", "show1-base-arch", "--presets",
+               PROFILED_PRESET, "--pack", ",".join(map(str, sizes)), "--steps", str(PACK_STEPS), "--warmup", "2",
+               "--preset-timeout", str(PACK_TIMEOUT), "--results", str(results)]
+    if runner.dry_run:
+        return _check_bench_command(runner, command, [PROFILED_PRESET], log)
+    status, seconds = runner.run(command, log, budget_s)
+    path = results / "bench-cuda.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rates = ", ".join(f"K={r['pack']} {r['videos_per_hour']:.0f}/h" for r in records)
+    if status is None:
+        return "timeout", f"killed at {seconds:.0f} s; {rates or 'no K recorded'}"
+    return ("ok" if status == 0 else "failed"), f"videos/hour: {rates or 'none'}; {_last_line(log)}"
+
+
 def _check_bench_command(runner: Runner, command: list[str], presets: list[str], log: Path) -> tuple[str, str]:
     """Dry run: every preset exists and the bench CLI knows every option the part passes."""
     status, _ = runner.run([sys.executable, "-m", "vmc_fast.cli", "bench", "--help"], log, 60)
@@ -349,9 +378,10 @@ def _check_cli_options(runner: Runner, command: list[str], log: Path) -> tuple[s
 
 
 PART_FUNCTIONS = {"setup": part_setup, "tests": part_tests, "profile": part_profile, "bench": part_bench,
-                  "toy": part_toy}
+                  "pack": part_pack, "toy": part_toy}
 DEFAULT_PARTS = ("setup", "tests", "profile", "bench")
-"""What `run.sh` runs without PARTS; `toy` needs a slot of its own."""
+"""What `run.sh` runs without PARTS (they fill one 10-minute command); `pack` and `toy` run as `setup,pack` and
+`setup,toy`."""
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -365,7 +395,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  bash benchmarks/gpu/run.sh setup,bench --out $OUT --budget bench=300",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", help=f"comma- or space-separated parts (default: "
-                                                 f"{', '.join(DEFAULT_PARTS)}; also: toy): {', '.join(PARTS)}")
+                                                 f"{', '.join(DEFAULT_PARTS)}; also: pack, toy): {', '.join(PARTS)}")
     parser.add_argument("--out", type=Path, default=None, help="folder for the results (default: $OUT, else "
                                                                 "benchmarks/gpu/out)")
     parser.add_argument("--dry-run", action="store_true", help="check everything a CPU can check; run nothing "

@@ -14,7 +14,7 @@ reporter is handed in: this module never draws anything itself.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime
 import json
 import os
@@ -50,6 +50,8 @@ from vmc_fast.runtime import resolve_device
 
 WORKER_COMMAND = ("-m", "vmc_fast.cli", "rank")
 """How a launched rank starts: the CLI's hidden `rank` command, which builds its reporter and calls `worker`."""
+DEFAULT_TIMEOUT_S = 1800
+"""Collective timeout of a rank on a host without the plan file, until rank 0's plan arrives."""
 STOP_GRACE_S = 30
 """Seconds launched ranks get to stop after Ctrl-C before they are killed."""
 
@@ -62,11 +64,11 @@ def train(cfg: RunConfig, reporter: Reporter | None = None) -> RunSummary:
     is written.
     """
     plan = plan_run(cfg)
-    if cfg.parallel.num_ranks > 1 or plan.strategy == "zero":
+    if cfg.parallel.multi_rank or plan.strategy == "zero":
         return launch(cfg, plan)
     reporter = reporter or QuietReporter()
     # The session is built before anything is written: weights that cannot be loaded leave no folder behind.
-    session = _session(cfg, str(resolve_device())) if plan.todo else None
+    session = _session(cfg, str(resolve_device()), num_videos=len(plan.todo)) if plan.todo else None
     out = Path(cfg.out_dir).expanduser()
     with running(cfg, plan) as plan:  # --out held; the plan made again under the hold
         reporter.run_started(cfg, plan.todo, plan.num_done)
@@ -110,24 +112,24 @@ def launch(cfg: RunConfig, plan: Plan) -> RunSummary:
         raise VmcError(f"--gpus {num_ranks}: only {torch.cuda.device_count()} CUDA devices are visible; "
                        f"lower --gpus or set CUDA_VISIBLE_DEVICES")
     out = Path(cfg.out_dir).expanduser()
-    with running(cfg, plan) as plan:  # --out held until every rank has exited
+    # --out held until every rank has exited; on the other nodes of a multi-node run node 0 holds and records it
+    holding = running(cfg, plan) if cfg.parallel.node_rank == 0 else contextlib.nullcontext(plan)
+    with holding as plan:
         if plan.todo:
             _launch_ranks(cfg, plan, env, out)
     return summarize(out, plan.jobs)
 
 
 def _launch_ranks(cfg: RunConfig, plan: Plan, env: dict, out: Path) -> None:
-    num_ranks = cfg.parallel.num_ranks
     with tempfile.TemporaryDirectory(prefix="vmc-fast-ranks-") as folder:
         plan_file = Path(folder) / "plan.json"
         plan_file.write_text(json.dumps({"config": cfg.to_dict(), "todo": [j.to_dict() for j in plan.todo],
                                          "num_done": plan.num_done, "strategy": plan.strategy}))
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={num_ranks}",
-                   f"--master-port={_free_port()}", *WORKER_COMMAND, str(plan_file)]
-        returncode = _wait(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent(signal.SIGTERM)))
+        returncode = _wait(subprocess.Popen(launcher_command(cfg, str(plan_file)), env=env,
+                                            preexec_fn=_die_with_parent(signal.SIGTERM)))
         if returncode != 0:
-            raise VmcError(f"{num_ranks} ranks: {_rank_errors(Path(folder), returncode)}; the run stopped; "
-                           f"finished videos are in {out}/manifest.jsonl; rerun the same command to resume")
+            raise VmcError(f"{cfg.parallel.world_size} ranks: {_rank_errors(Path(folder), returncode)}; the run "
+                           f"stopped; finished videos are in {out}/manifest.jsonl; rerun the same command to resume")
 
 
 def _die_with_parent(sig: int) -> Callable[[], None] | None:
@@ -146,6 +148,32 @@ def _set_parent_death_signal(sig: int) -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+
+
+def launcher_command(cfg: RunConfig, plan_file: str) -> list[str]:
+    """The command that starts this machine's ranks, each running `worker` on `plan_file`:
+    - --hostfile: the DeepSpeed launcher (``deepspeed.launcher.runner``), which starts each host's slots over
+      pdsh/ssh (one host: locally, no ssh);
+    - --nodes N: torch.distributed.run's static rendezvous at --master-addr:--master-port, --gpus ranks here;
+    - one machine: torch.distributed.run with --gpus ranks on a free port."""
+    par = cfg.parallel
+    if par.hostfile is not None:
+        from vmc_fast.config import read_hostfile
+
+        hosts = read_hostfile(par.hostfile)
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(Path(par.hostfile).resolve()),
+                   "--master_addr", par.master_addr or "127.0.0.1",
+                   "--master_port", str(par.master_port if len(hosts) > 1 else _free_port())]
+        if len(hosts) == 1:
+            command.append("--no_ssh_check")  # one host: launched here, no ssh involved
+        return [*command, "--module", "--no_local_rank", WORKER_COMMAND[1], *WORKER_COMMAND[2:], plan_file]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={par.num_ranks}"]
+    if par.nodes > 1:
+        command += [f"--nnodes={par.nodes}", f"--node-rank={par.node_rank}", f"--master-addr={par.master_addr}",
+                    f"--master-port={par.master_port}"]
+    else:
+        command.append(f"--master-port={_free_port()}")
+    return [*command, *WORKER_COMMAND, plan_file]
 
 
 def _wait(process: subprocess.Popen) -> int:
@@ -183,15 +211,18 @@ def worker(plan_file: str, make_reporter: Callable[[int], Reporter]) -> None:
 
     make_reporter(rank) -> the reporter of this rank (the CLI draws on rank 0 only).
     """
-    payload = json.loads(Path(plan_file).read_text())
-    cfg = RunConfig.from_dict(payload["config"])
+    local = Path(plan_file)
+    payload = json.loads(local.read_text()) if local.is_file() else None  # on another host: rank 0 sends it
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         torch.cuda.set_device(device)
     backend = "nccl" if device != "cpu" else "gloo"
-    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    timeout = payload["config"]["parallel"]["timeout_s"] if payload else DEFAULT_TIMEOUT_S
+    torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    payload = _plan_of_rank_0(payload)
+    cfg = RunConfig.from_dict(payload["config"])
     print(f"rank {rank} of {world_size}: {device}, backend {backend}", file=sys.stderr, flush=True)
     if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:  # started by torch.distributed.run
         _set_parent_death_signal(signal.SIGKILL)  # the launcher gone: so is this rank
@@ -203,10 +234,19 @@ def worker(plan_file: str, make_reporter: Callable[[int], Reporter]) -> None:
     except BaseException as exc:
         if not isinstance(exc, KeyboardInterrupt):
             message = str(exc) if isinstance(exc, (VmcError, ValueError)) else _one_line(exc)
-            (Path(plan_file).parent / f"rank{rank}.error").write_text(message + "\n")
+            if local.parent.is_dir():  # the launcher on this host reports it
+                (local.parent / f"rank{rank}.error").write_text(message + "\n")
         raise
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _plan_of_rank_0(payload: dict | None) -> dict:
+    """Global rank 0's plan on every rank: on several machines each launcher planned on its own, and only node 0's
+    plan (the one whose jobs were recorded as pending) counts."""
+    shared = [payload]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -230,17 +270,15 @@ def run_rank(cfg: RunConfig, todo: list[Job], reporter: Reporter, *, num_done: i
         return
     manifest = Manifest(Path(cfg.out_dir).expanduser())
     if not zero:
-        run_jobs(_session(cfg, device), mine, manifest, reporter, tensorboard=cfg.tensorboard)  # each its own
+        run_jobs(_session(cfg, device, num_videos=len(mine)), mine, manifest, reporter, tensorboard=cfg.tensorboard)  # each its own
         return
-    from vmc_fast.tuning.steps import RankAgreement, ZeroStepFactory
+    from vmc_fast.tuning.steps import RankAgreement, ZeroPackStepFactory, ZeroStepFactory
 
     ranks = RankAgreement()
-    # Each rank draws its own timesteps and noise: an effective batch of one sample per rank.
-    # Everything else starts the same on every rank: the LoRA factors are drawn from the run's own seed.
-    seed = cfg.train.seed
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed + rank))
     session = _session(cfg, device, write_adapters=rank == 0, make_optimizer_step=ZeroStepFactory(cfg, ranks),
-                       init_seed=seed)
+                       num_videos=len(mine), make_pack_step=ZeroPackStepFactory(cfg, ranks),
+                       agree_pack_size=lambda size: ranks.minimum([size])[0])
+    session.rank = rank  # each rank draws its own timesteps and noise: an effective batch of one sample per rank
     run_jobs(AgreeingSession(session, ranks), mine, manifest if rank == 0 else ReadOnlyManifest(manifest),
              reporter, write_metrics=rank == 0, tensorboard=cfg.tensorboard)
     torch.distributed.barrier()  # short: all ranks settled the last video together
@@ -262,11 +300,36 @@ class AgreeingSession:
         read_input = session.read_input
 
         def read_input_on_every_rank(video: Path):
-            value = read_input(video)
+            try:
+                value = read_input(video)
+            except Exception as exc:  # every rank fails this video with the reason (a RanksFailed)
+                ranks.settle(str(exc) if isinstance(exc, VmcError) else f"{Path(video).name}: {_one_line(exc)}")
+                raise AssertionError("settle() with a problem always raises") from exc  # pragma: no cover
             ranks.settle(None)  # before any collective of the video
             return value
 
         session.read_input = read_input_on_every_rank  # tune_video calls it first (load_input goes through it)
+
+    @property
+    def pack_size(self) -> int:
+        return self.session.pack_size
+
+    def tune_pack(self, items: list, *args, **kwargs) -> list:
+        """`TuningSession.tune_pack` on every rank: a failure of the whole pass (outside a collective) is agreed
+        on like a video's; per-video outcomes already agree (losses are agreed per video, norms are global)."""
+        from vmc_fast.tuning.steps import RanksFailed, RankStopped
+
+        try:
+            outcomes = self.session.tune_pack(items, *args, **kwargs)
+        except RanksFailed:
+            raise
+        except Exception as exc:
+            if self.ranks.broken:
+                raise RankStopped(_one_line(exc)) from exc
+            self.ranks.settle(str(exc) if isinstance(exc, VmcError) else _one_line(exc))
+            raise AssertionError("settle() with a problem always raises")  # pragma: no cover
+        self.ranks.settle(None)
+        return outcomes
 
     def prompt_embeddings(self, prompts: list[str]):
         return self.session.prompt_embeddings(prompts)

@@ -274,13 +274,13 @@ def plan_run(cfg: RunConfig, *, held: bool = False) -> Plan:
     spec = model_spec(cfg.model.model_id)
     check_against_model(cfg, spec)
     check_out_dir(cfg)
-    if not held:
+    if not held and cfg.parallel.node_rank == 0:  # on the other nodes of a run, node 0 holds the shared --out
         check_not_running(Path(cfg.out_dir).expanduser())
     manifest = Manifest(Path(cfg.out_dir).expanduser())
     entries = manifest.read()
     jobs = plan_jobs(cfg, entries)
     strategy = resolve_strategy(cfg, len(jobs))
-    zero_ranks = cfg.parallel.num_ranks if strategy == "zero" else None
+    zero_ranks = cfg.parallel.world_size if strategy == "zero" else None
     for job in jobs:
         job.request = request_key(cfg, job, spec, zero_ranks=zero_ranks)
         job.request_hash = request_hash(job.request)
@@ -300,7 +300,7 @@ def resolve_strategy(cfg: RunConfig, num_videos: int) -> str:
     """``auto`` picks ``videos`` when every rank gets at least one video, else ``zero``."""
     if cfg.parallel.strategy != "auto":
         return cfg.parallel.strategy
-    return "videos" if num_videos >= cfg.parallel.num_ranks else "zero"
+    return "videos" if num_videos >= cfg.parallel.world_size else "zero"
 
 
 def plan_jobs(cfg: RunConfig, entries: dict[str, dict] | None = None) -> list[Job]:
@@ -653,11 +653,17 @@ def run_jobs(session, jobs: list[Job], manifest: Manifest, reporter: Reporter, *
     """Tune every job in order with one prepared session, recording each outcome; never raises for a video.
 
     write_metrics: write each video's DIR/NAME/metrics.jsonl (`vmc_fast.runs.metrics`), and with `tensorboard`
-    its TensorBoard event files; False on the ranks that tune alongside rank 0 under ZeRO.
+    its TensorBoard event files; False on the ranks that tune alongside rank 0 under ZeRO. A session with
+    `pack_size` K > 1 tunes the jobs K at a time (`_run_pack`), each video's metrics in its own file.
     """
     metrics = {"tensorboard": tensorboard} if write_metrics else None
     with_prompt = [j for j in jobs if j.prompt]
     embeddings = session.prompt_embeddings(sorted({j.prompt for j in with_prompt})) if with_prompt else {}
+    size = getattr(session, "pack_size", 1)
+    if size > 1:
+        for start in range(0, len(jobs), size):
+            _run_pack(session, jobs[start:start + size], start, len(jobs), embeddings, manifest, reporter, metrics)
+        return
     for index, job in enumerate(jobs, 1):
         reporter.video_started(job, index, len(jobs))
         entry = _run_one(session, job, embeddings, manifest, reporter, metrics)
@@ -667,23 +673,64 @@ def run_jobs(session, jobs: list[Job], manifest: Manifest, reporter: Reporter, *
 def _run_one(session, job: Job, embeddings: dict, manifest: Manifest, reporter: Reporter,
              metrics: dict | None = None) -> dict:
     if not job.prompt:
-        return manifest.update(job.video, status="failed", error=job.no_prompt or f"video {job.video}: no prompt; "
-                               f"pass --prompt, or put it in a caption file beside the video")
+        return _no_prompt(job, manifest)
     manifest.update(job.video, status="pending", prompt=job.prompt)
     try:
         with _step_metrics(metrics, job, reporter) as on_step:
             done = session.tune_video(job.video, job.prompt, embeddings[job.prompt], job.adapter, on_step,
                                       on_clip=lambda info: _clip_loaded(reporter, job, info),
                                       request_hash=job.request_hash)
-    except NonFiniteError as exc:  # the step it stopped at goes into the record; no adapter was written
+    except Exception as exc:
+        return _record_failure(job, exc, manifest)
+    return _record_done(job, done, manifest)
+
+
+def _run_pack(session, jobs: list[Job], offset: int, total: int, embeddings: dict, manifest: Manifest,
+              reporter: Reporter, metrics: dict | None = None) -> None:
+    """Tune `jobs` (at most the session's pack size) in one pass; each outcome is recorded on its own."""
+    from vmc_fast.tuning.session import PackItem
+
+    for index, job in enumerate(jobs, offset + 1):
+        reporter.video_started(job, index, total)
+    packed = [job for job in jobs if job.prompt]
+    for job in jobs:
+        if not job.prompt:
+            reporter.video_finished(job, _no_prompt(job, manifest))
+        else:
+            manifest.update(job.video, status="pending", prompt=job.prompt)
+    items = [PackItem(j.video, j.prompt, embeddings[j.prompt], j.adapter, j.request_hash) for j in packed]
+    try:
+        with _pack_metrics(metrics, packed, reporter) as on_step:
+            outcomes = session.tune_pack(items, on_step, lambda k, info: _clip_loaded(reporter, packed[k], info))
+    except Exception as exc:  # the whole pass failed (e.g. out of memory): every video of the pack failed
+        outcomes = [exc] * len(packed)
+    for job, outcome in zip(packed, outcomes):
+        entry = _record_failure(job, outcome, manifest) if isinstance(outcome, BaseException) else \
+            _record_done(job, outcome, manifest)
+        reporter.video_finished(job, entry)
+
+
+def _no_prompt(job: Job, manifest: Manifest) -> dict:
+    return manifest.update(job.video, status="failed", error=job.no_prompt or f"video {job.video}: no prompt; "
+                           f"pass --prompt, or put it in a caption file beside the video")
+
+
+def _record_failure(job: Job, exc: BaseException, manifest: Manifest) -> dict:
+    if isinstance(exc, NonFiniteError):  # the step it stopped at goes into the record; no adapter was written
         return manifest.update(job.video, status="failed", error=f"video {job.video.name}: {exc}",
                                nonfinite_step=exc.step)
-    except VmcError as exc:
+    if isinstance(exc, VmcError):
         return manifest.update(job.video, status="failed", error=str(exc))
-    except Exception as exc:  # a bad video must never stop the rest; the traceback goes to the log
-        log = job.adapter.parent / f"{job.adapter.stem}.error.log"
-        log.write_text(traceback.format_exc())
-        return manifest.update(job.video, status="failed", error=f"{type(exc).__name__}: {exc} (traceback: {log})")
+    if not isinstance(exc, Exception):  # KeyboardInterrupt, RankStopped: not a video's failure
+        raise exc
+    # a bad video must never stop the rest; the traceback goes to the log
+    log = job.adapter.parent / f"{job.adapter.stem}.error.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(traceback.format_exception(exc)))
+    return manifest.update(job.video, status="failed", error=f"{type(exc).__name__}: {exc} (traceback: {log})")
+
+
+def _record_done(job: Job, done, manifest: Manifest) -> dict:
     return manifest.update(
         job.video, status="done", adapter=str(Path(done.adapter).resolve()), final_loss=done.result.final_loss,
         seconds=round(done.result.seconds, 3), steps=len(done.result.losses),
@@ -709,6 +756,29 @@ def _step_metrics(metrics: dict | None, job: Job, reporter: Reporter) -> Iterato
             reporter.step(stats)
 
         yield on_step
+
+
+@contextmanager
+def _pack_metrics(metrics: dict | None, jobs: list[Job], reporter: Reporter) -> Iterator:
+    """The on_step of a pack: the reporter hears the pack's step, and (`metrics` given) each video's writer its own
+    loss and gradient norm (`StepStats.videos`; a video that failed earlier in the pack writes no more lines)."""
+    if metrics is None:
+        yield reporter.step
+        return
+    from vmc_fast.runs.metrics import MetricsWriter
+
+    writers = [MetricsWriter(job.adapter.parent.parent, job.adapter.stem, **metrics) for job in jobs]
+    try:
+        def on_step(stats: StepStats) -> None:
+            for writer, own in zip(writers, stats.videos or ()):
+                if own is not None:
+                    writer(dataclasses.replace(stats, loss=own[0], grad_norm=own[1], videos=None))
+            reporter.step(stats)
+
+        yield on_step
+    finally:
+        for writer in writers:
+            writer.close()
 
 
 def _clip_loaded(reporter: Reporter, job: Job, info: ClipInfo) -> None:

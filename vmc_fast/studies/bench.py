@@ -76,9 +76,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     dataclasses.replace(FAST, name="fast+xformers", attention="xformers", about="fast, xformers temporal attention"),
     dataclasses.replace(FAST, name="fast-eager+ckpt", compile="off", checkpointing=True,
                         about="fast eager, checkpointing"),
+    dataclasses.replace(FAST, name="fast-eager+fp32", compile="off", frozen_dtype="fp32", precision="fp32",
+                        about="fast eager, fp32 weights and compute (CPU --pack runs)"),
     dataclasses.replace(FAST, name="fast-eager+int8", compile="off", frozen_dtype="int8", optimizer="adamw8bit",
                         about="fast eager, int8 linears + 8-bit convs, 8-bit AdamW"),
 )}
+PACK_PRESETS = {"cuda": "fast-eager", "cpu": "fast-eager+fp32"}
+"""The preset `--pack` runs by default: no compile (a pack size is one more graph to build), and on the CPU fp32
+(bf16 matmuls are slow there, fp16 does not combine with packs)."""
 DEFAULT_PRESETS_GPU = ("paper", "fast", "fast-eager", "fast+int8", "paper+bf16", "paper-t5-freed")
 # Inductor needs many minutes per preset on a 2-core CPU, so CPU defaults compare the eager levers.
 DEFAULT_PRESETS_CPU = ("paper", "paper-t5-freed", "paper-no-ckpt", "paper+bf16", "fast-eager", "fast-eager+int8")
@@ -125,6 +130,8 @@ class BenchOptions:
     """cuda or cpu."""
     seed: int = 0
     """Seeds the clip, text states and training."""
+    pack: int = 1
+    """Videos per pass (--pack K): the step tunes K videos at once; videos/hour is reported."""
     profile_dir: str | None = None
     """When set, 3 more steps run under torch.profiler after timing and their operator table (sorted by device
     time, with the kernel launches per step) goes to ``profile_dir/profile-<preset>.txt``."""
@@ -158,8 +165,13 @@ class BenchConfig:
     """Folder for the JSON-lines records."""
     profile: str | None = None
     """After timing, profile 3 steps of each preset with torch.profiler and write FOLDER/profile-<preset>.txt."""
+    pack: tuple[int, ...] | None = None
+    """Comma-separated pack sizes (e.g. 1,2,4,8): run one preset (the first of --presets; default fast-eager on
+    GPU, fast-eager+fp32 on CPU) once per size and report videos/hour for each."""
 
     def __post_init__(self) -> None:
+        check_field(self.pack is None or (bool(self.pack) and all(1 <= k <= 256 for k in self.pack)), "--pack",
+                    "give pack sizes from 1 to 256, comma-separated (e.g. 1,2,4,8)")
         unknown = [n for n in self.presets or () if n not in PRESETS]
         check_field(not unknown, "--presets", f"unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
         check_field(self.steps is None or self.steps >= 1, "--steps", "must be at least 1")
@@ -168,6 +180,8 @@ class BenchConfig:
                     "must be a positive number of seconds")
 
     def preset_names(self) -> list[str]:
+        if self.pack is not None:
+            return [self.presets[0] if self.presets else PACK_PRESETS[resolve_device().type]]
         return list(self.presets or default_presets())
 
     def bench_options(self) -> "BenchOptions":
@@ -219,6 +233,28 @@ def run_presets(names: list[str], options: BenchOptions, results_dir: Path | Non
     return records, failures
 
 
+def run_packs(name: str, sizes: list[int], options: BenchOptions, results_dir: Path | None, on_result=None,
+              timeout_s: float | None = None, on_failure=None) -> tuple[list[dict], list[PresetFailure]]:
+    """`run_presets` for one preset at each pack size: a fresh process per size, records with ``pack`` and
+    ``videos_per_hour``."""
+    records, failures = [], []
+    for size in sizes:
+        record, failure = _run_isolated(PRESETS[name], dataclasses.replace(options, pack=size), timeout_s)
+        if failure is not None:
+            failure = dataclasses.replace(failure, name=f"{name} --pack {size}")
+            failures.append(failure)
+            if on_failure is not None:
+                on_failure(failure)
+            continue
+        record = {**record, **_provenance(options)}
+        if results_dir is not None:
+            append_record(record, results_dir)
+        records.append(record)
+        if on_result is not None:
+            on_result(record)
+    return records, failures
+
+
 def _run_isolated(preset: Preset, options: BenchOptions, timeout_s: float | None
                   ) -> tuple[dict | None, PresetFailure | None]:
     reason = unavailable_reason(preset, torch.device(options.device).type)
@@ -240,33 +276,45 @@ def _run_isolated(preset: Preset, options: BenchOptions, timeout_s: float | None
 
 def run_one(preset: Preset, options: BenchOptions) -> dict:
     """Train `options.steps` steps with `preset` in this process and measure it."""
-    from vmc_fast.config import ModelConfig, RunConfig, TrainConfig
-    from vmc_fast.tuning.loop import vmc_loss
+    from vmc_fast.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
+    from vmc_fast.tuning.loop import vmc_loss, vmc_losses
     from vmc_fast.tuning.session import TuningSession
-    from vmc_fast.tuning.steps import TorchStep
+    from vmc_fast.tuning.steps import PackedTorchStep, TorchStep
 
     device = torch.device(options.device)
     precision = preset.precision
     attention = preset.attention
+    pack = options.pack
     cfg = RunConfig(model=ModelConfig(model_id=options.model_id, gradient_checkpointing=preset.checkpointing,
                                       frozen_dtype=preset.frozen_dtype, attention=attention, compile=preset.compile),
                     train=TrainConfig(steps=options.steps, precision=precision, optimizer=preset.optimizer,
-                                      seed=options.seed))
+                                      seed=options.seed),
+                    parallel=ParallelConfig(pack=str(pack)))
     started = time.perf_counter()
-    session = TuningSession(cfg, device=options.device)
+    session = TuningSession(cfg, device=options.device, num_videos=pack)
     backbone = session.backbone
     encoder, states = _text_states(session, preset, device)
     s = session.sampling
-    clip = torch.randn(1, backbone.in_channels, s.num_frames, s.height, s.width,
+    clip = torch.randn(pack, backbone.in_channels, s.num_frames, s.height, s.width,
                        generator=torch.Generator().manual_seed(options.seed)).to(device)
     abar = backbone.noise_scheduler.alphas_cumprod.to(device, torch.float32)
-    step = TorchStep(session.params, cfg.train)
     generator = torch.Generator().manual_seed(options.seed)
+    if pack > 1:  # one pass over K videos, each with its own slices, noise and timestep
+        step = PackedTorchStep(session.params, cfg.train)
+        states = states.expand(pack, *states.shape[1:])
+        videos = list(range(pack))
 
-    def one_step() -> None:
-        t = torch.randint(0, len(abar), (1,), generator=generator).to(device)
-        noise = torch.randn(clip.shape, generator=generator).to(device)
-        step(vmc_loss(backbone.unet, clip, noise, t, abar, states, cfg.train))
+        def one_step() -> None:
+            t = torch.randint(0, len(abar), (pack,), generator=generator).to(device)
+            noise = torch.randn(clip.shape, generator=generator).to(device)
+            step(vmc_losses(backbone.unet, clip, noise, t, abar, states, cfg.train), videos)
+    else:
+        step = TorchStep(session.params, cfg.train)
+
+        def one_step() -> None:
+            t = torch.randint(0, len(abar), (1,), generator=generator).to(device)
+            noise = torch.randn(clip.shape, generator=generator).to(device)
+            step(vmc_loss(backbone.unet, clip, noise, t, abar, states, cfg.train))
 
     setup_seconds = time.perf_counter() - started
     backbone.unet.train()
@@ -281,6 +329,11 @@ def run_one(preset: Preset, options: BenchOptions) -> dict:
     record = _record(preset, options, session, step_seconds, warmup_seconds, setup_seconds, precision)
     # Compilation inside the timed steps would make them meaningless: raise --warmup if this is ever non-zero.
     record["graphs_compiled_while_timed"] = _compiled_graphs() - graphs_before
+    record["pack"] = pack
+    if pack > 1 and record["flops_per_step"]:  # the step trains K videos
+        record["flops_per_step"] *= pack
+        record["mfu"] = record["mfu"] * pack if record["mfu"] is not None else None
+    record["videos_per_hour"] = pack * 3600 / (step_seconds * PAPER_STEPS)  # 400 steps a video, setup excluded
     if options.profile_dir is not None:
         record["kernel_launches_per_step"] = profile_steps(one_step, device, preset.name, Path(options.profile_dir))
     return record

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ class StepStats:
     """Wall-clock since the loop started."""
     lr: float = float("nan")
     """Learning rate of the step's update (the optimizer's first parameter group)."""
+    videos: list[tuple[float, float] | None] | None = None
+    """A pack's step (`tune_pack`): per video, its own (loss, gradient norm), None once it failed; `loss` and
+    `grad_norm` are then the pack's mean loss and largest norm. None for one video."""
 
 
 @dataclass
@@ -69,25 +72,27 @@ def tune(
     cfg: TrainConfig,
     optimizer_step: OptimizerStep,
     on_step: Callable[[StepStats], None] | None = None,
+    generator: torch.Generator | None = None,
 ) -> TuneResult:
     """Run `cfg.steps` VMC steps on one clip.
 
     clip: (1, C, F, H, W) model-space input (pixels in [-1, 1] or latents), on the UNet's device.
     text_states: (1, L, D) prompt embedding, on the UNet's device.
     alphas_cumprod: (T,) float the noise schedule's cumulative alphas.
+    generator: the CPU generator of timesteps and noise (a session passes the video's own,
+    `vmc_fast.tuning.packing.video_generator`); default: seeded by cfg.seed alone.
     Raises NonFiniteError (a VmcError) at the first step whose loss or gradient is NaN or inf, before that step's
     update is applied; `.step` is that step.
     """
     device = clip.device
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    generator = generator or torch.Generator(device="cpu").manual_seed(cfg.seed)
     lo, hi = cfg.timestep_range or (0, len(alphas_cumprod))
     abar = alphas_cumprod.to(device=device, dtype=torch.float32)
     result, start = TuneResult(), time.perf_counter()
     unet.train()
     for step in range(1, cfg.steps + 1):
-        t = torch.randint(lo, hi, (clip.shape[0],), generator=generator)
-        noise = torch.randn(clip.shape, generator=generator).to(device)
-        loss = vmc_loss(unet, clip, noise, t.to(device), abar, text_states, cfg)
+        t, noise = draw(generator, clip.shape, lo, hi)
+        loss = vmc_loss(unet, clip, noise.to(device), t.to(device), abar, text_states, cfg)
         loss_value = float(loss.detach())
         if not _all_finite(optimizer_step, math.isfinite(loss_value)):  # before backward: nothing reaches weights
             what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else \
@@ -113,6 +118,95 @@ def _learning_rate(optimizer_step: OptimizerStep, cfg: TrainConfig) -> float:
     else the configured one."""
     groups = getattr(getattr(optimizer_step, "optimizer", None), "param_groups", None)
     return float(groups[0]["lr"]) if groups else cfg.learning_rate
+def draw(generator: torch.Generator, shape: torch.Size, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's timestep (B,) int64 in [lo, hi) and noise `shape` float32, both on the CPU, in this order."""
+    t = torch.randint(lo, hi, (shape[0],), generator=generator)
+    return t, torch.randn(shape, generator=generator)
+
+
+def tune_pack(
+    unet: nn.Module,
+    alphas_cumprod: torch.Tensor,
+    clips: torch.Tensor,
+    text_states: torch.Tensor,
+    cfg: TrainConfig,
+    optimizer_step: PackStep,
+    generators: list[torch.Generator],
+    on_step: Callable[[StepStats], None] | None = None,
+) -> list[TuneResult | NonFiniteError]:
+    """Run `cfg.steps` VMC steps on K clips at once, through a UNet whose tuned layers hold K slices
+    (`vmc_fast.tuning.packing`).
+
+    clips: (K, C, F, H, W) and text_states (K, L, D) on the UNet's device; generators: K, one per video, each
+    drawing as `tune` draws for its video alone. The step's loss is the sum of the videos' own losses, so each
+    slice gets exactly its own video's gradient. A video whose loss or gradient becomes NaN or inf fails alone
+    (its slice is no longer trained) and the others go on. Returns, per video, its TuneResult or the
+    NonFiniteError that stopped it.
+    """
+    device, num_videos = clips.device, clips.shape[0]
+    lo, hi = cfg.timestep_range or (0, len(alphas_cumprod))
+    abar = alphas_cumprod.to(device=device, dtype=torch.float32)
+    results, failed = [TuneResult() for _ in range(num_videos)], {}
+    start = time.perf_counter()
+    unet.train()
+    for step in range(1, cfg.steps + 1):
+        draws = [draw(g, (1, *clips.shape[1:]), lo, hi) for g in generators]
+        t = torch.cat([d[0] for d in draws]).to(device)
+        noise = torch.cat([d[1] for d in draws]).to(device)
+        losses = vmc_losses(unet, clips, noise, t, abar, text_states, cfg)
+        values = [float(v) for v in losses.detach()]
+        finite = optimizer_step.agree_videos([math.isfinite(v) for v in values])  # under ZeRO: on every rank
+        for k, value in enumerate(values):
+            if k not in failed and not finite[k]:
+                what = f"the loss became {value}" if not math.isfinite(value) else \
+                    "the loss became NaN or inf on another rank"
+                failed[k] = NonFiniteError(_stopped(f"{what} at step {step} of {cfg.steps}", cfg, device), step=step)
+        active = [k for k in range(num_videos) if k not in failed]
+        if not active:
+            break
+        norms = optimizer_step(losses, active)
+        for k in active:
+            if not math.isfinite(norms[k]):
+                failed[k] = NonFiniteError(_gradient_message(NonFiniteGradient(norms[k]), step, values[k], cfg,
+                                                             device), step=step)
+            else:
+                results[k].losses.append(values[k])
+        if on_step is not None and len(failed) < num_videos:
+            kept = [values[k] for k in range(num_videos) if k not in failed]
+            kept_norms = [norms[k] for k in range(num_videos) if k not in failed]
+            own = [(values[k], norms[k]) if k not in failed else None for k in range(num_videos)]
+            on_step(StepStats(step, cfg.steps, sum(kept) / len(kept), max(kept_norms), time.perf_counter() - start,
+                              lr=_learning_rate(optimizer_step, cfg), videos=own))
+    unet.eval()
+    seconds = time.perf_counter() - start
+    for k in range(num_videos):
+        results[k].seconds = seconds
+        if k not in failed:
+            failed.update(_nonfinite_slice(unet, k, cfg, device))
+    return [failed.get(k, results[k]) for k in range(num_videos)]
+
+
+class PackStep(Protocol):
+    """Backward of the pack's summed loss, per-video clipping and the update of the `active` videos' slices."""
+
+    def __call__(self, losses: torch.Tensor, active: list[int]) -> list[float]:
+        """losses (K,) float32; returns each video's gradient norm before clipping (NaN or inf: that video's
+        slices were not updated with it)."""
+        ...
+
+    def agree_videos(self, finite: list[bool]) -> list[bool]:
+        """Per video, whether its flag holds on every rank (one process: the flags)."""
+        ...
+
+
+def _nonfinite_slice(unet: nn.Module, k: int, cfg: TrainConfig, device) -> dict[int, NonFiniteError]:
+    # (ZeRO-3 leaves empty placeholders in the module: nothing to look at there, as in `_check_finite_weights`)
+    bad = [name for name, p in unet.named_parameters()
+           if p.requires_grad and p.shape[0] > k and not torch.isfinite(p[k]).all()]
+    if not bad:
+        return {}
+    return {k: NonFiniteError(_stopped(f"{len(bad)} tuned tensors hold NaN or inf after step {cfg.steps} "
+                                       f"(e.g. {bad[0]})", cfg, device), step=cfg.steps)}
 
 
 def _all_finite(optimizer_step: OptimizerStep, finite: bool) -> bool:
@@ -161,3 +255,18 @@ def vmc_loss(unet: nn.Module, clip: torch.Tensor, noise: torch.Tensor, t: torch.
     eps_pred = output.sample if hasattr(output, "sample") else output
     weight = ((1 - a) / a).reshape(-1) if cfg.loss_weight == "snr" else None  # eq. 16's weight
     return motion_distillation_loss(eps_pred, noise, kind=cfg.loss, stride=cfg.loss_stride, weight=weight)
+
+
+def vmc_losses(unet: nn.Module, clips: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+               text_states: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """`vmc_loss` of each sample on its own, from one forward of the whole batch: (B,) float32."""
+    a = abar[t].reshape(-1, 1, 1, 1, 1)
+    noisy = a.sqrt() * clips + (1 - a).sqrt() * noise
+    with autocast(cfg.precision, device=clips.device):
+        output = unet(noisy, t, text_states)
+    eps_pred = output.sample if hasattr(output, "sample") else output
+    weight = ((1 - a) / a).reshape(-1) if cfg.loss_weight == "snr" else None
+    return torch.stack([
+        motion_distillation_loss(eps_pred[k:k + 1], noise[k:k + 1], kind=cfg.loss, stride=cfg.loss_stride,
+                                 weight=None if weight is None else weight[k:k + 1])
+        for k in range(clips.shape[0])])

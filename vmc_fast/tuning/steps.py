@@ -14,10 +14,11 @@ collective the others skipped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -112,6 +113,35 @@ class TorchStep:
         return contextlib.nullcontext()  # never partitioned
 
 
+class PackedTorchStep:
+    """A plain torch optimizer over packed (K, ...) tensors (`vmc_fast.tuning.packing`): backward of the active
+    videos' summed loss, each video's slices clipped by its own gradient norm, one AdamW update (elementwise, so
+    each slice moves as it would alone). A video whose norm is NaN or inf gets no gradient in that update."""
+
+    def __init__(self, params: list[nn.Parameter], cfg: TrainConfig):
+        self.params = params
+        self.grad_clip = cfg.grad_clip
+        self.optimizer = build_optimizer(params, cfg)
+
+    def __call__(self, losses: torch.Tensor, active: list[int]) -> list[float]:
+        from vmc_fast.tuning.packing import clip_per_video, drop_videos
+
+        num_videos = losses.shape[0]
+        losses[active].sum().backward()
+        drop_videos(self.params, [k for k in range(num_videos) if k not in active])
+        norms = clip_per_video(self.params, self.grad_clip if self.grad_clip > 0 else math.inf, num_videos).tolist()
+        drop_videos(self.params, [k for k in active if not math.isfinite(norms[k])])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms
+
+    def agree_videos(self, finite: list[bool]) -> list[bool]:
+        return finite  # one process
+
+    def full_parameters(self, modify: bool = False) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
 def whole_parameters(step: OptimizerStep | None, modify: bool = False) -> contextlib.AbstractContextManager:
     """The step's gather of partitioned parameters (ZeRO-3); nothing for steps that never partition them."""
     full_parameters = getattr(step, "full_parameters", None)
@@ -171,10 +201,14 @@ class RankAgreement:
 
     def agree(self, ok: bool) -> bool:
         """True when `ok` on every rank (an all-reduce of one integer, MIN)."""
-        flag = torch.tensor([int(ok)], device=self.device)
+        return bool(self.minimum([int(ok)])[0])
+
+    def minimum(self, values: list[int]) -> list[int]:
+        """Each value's minimum over the ranks (one all-reduce, MIN)."""
+        flags = torch.tensor(values, dtype=torch.int64, device=self.device)
         with self.collective():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        return [int(v) for v in flags.tolist()]
 
     def settle(self, problem: str | None) -> None:
         """Return when no rank has a problem; else raise RanksFailed naming each rank's, on every rank."""
@@ -343,3 +377,104 @@ def _local_partition(param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
     rank, num_ranks = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
     flat = torch.nn.functional.pad(full.flatten(), (0, size * num_ranks - full.numel()))
     return flat[rank * size:(rank + 1) * size]
+
+
+# --------------------------------------------------------------------------------------------- DeepSpeed packs
+
+
+class ZeroPackStepFactory:
+    """`ZeroStepFactory` for packs: one `DeepSpeedPackStep` per session, reset between packs."""
+
+    def __init__(self, cfg: RunConfig, ranks: RankAgreement | None = None):
+        self.cfg = cfg
+        self.ranks = ranks
+        self.step: DeepSpeedPackStep | None = None
+
+    def __call__(self, unet: nn.Module, params: list[nn.Parameter]) -> "DeepSpeedPackStep":
+        self.ranks = ranks = self.ranks or RankAgreement()
+        with ranks.collective():
+            if self.step is None:
+                self.step = DeepSpeedPackStep(unet, params, self.cfg, ranks)
+            else:
+                self.step.reset(params)
+        return self.step
+
+
+class DeepSpeedPackStep(DeepSpeedStep):
+    """A pack through a DeepSpeed engine: every rank holds the same K videos (each drawing its own noise), the
+    engine averages the gradients and shards the K adapters' gradients and Adam state (ZeRO stage from the
+    config). DeepSpeed's own clipping is global, so it is off here and each video is clipped by its own norm
+    between backward and the update: each rank sums the squares of the gradient elements it holds per video
+    (stage 0: all of them, already averaged), one all-reduce of K numbers makes them global, and each video's
+    elements are scaled (`clip_per_video`'s formula) or zeroed (failed videos). Exact, for K floats of traffic."""
+
+    def __init__(self, unet: nn.Module, params: list[nn.Parameter], cfg: RunConfig,
+                 ranks: RankAgreement | None = None):
+        no_clip = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_clip=0.0))
+        super().__init__(unet, params, no_clip, ranks)
+        self.grad_clip = cfg.train.grad_clip
+
+    def agree_videos(self, finite: list[bool]) -> list[bool]:
+        """Per video: finite on every rank (each rank drew its own noise, so one rank's NaN fails it on all)."""
+        return [bool(v) for v in self.ranks.minimum([int(f) for f in finite])]
+
+    def __call__(self, losses: torch.Tensor, active: list[int]) -> list[float]:
+        self.step_index += 1
+        num_videos = losses.shape[0]
+        with self.ranks.collective():
+            self.engine.backward(losses[active].sum())
+            pieces = [piece for p in self.params for piece in _local_grad_pieces(p, self.stage)]
+            squares = torch.zeros(num_videos, dtype=torch.float64, device=self.ranks.device)
+            for piece, start, per_video, _ in pieces:
+                for k, a, b in _video_ranges(start, piece.numel(), per_video, num_videos):
+                    squares[k] += piece[a:b].double().square().sum().to(squares.device)
+            if self.stage > 0:  # stage 0 holds the whole averaged gradient on every rank already
+                torch.distributed.all_reduce(squares)
+            norms = [math.sqrt(v) if math.isfinite(v) else math.nan for v in squares.cpu().tolist()]
+            limit = self.grad_clip if self.grad_clip > 0 else math.inf
+            scale = [min(1.0, limit / (n + 1e-6)) if k in active and math.isfinite(n) else 0.0
+                     for k, n in enumerate(norms)]
+            for piece, start, per_video, write_back in pieces:
+                for k, a, b in _video_ranges(start, piece.numel(), per_video, num_videos):
+                    piece[a:b].zero_() if scale[k] == 0.0 else piece[a:b].mul_(scale[k])
+                if write_back is not None:
+                    write_back()
+            self.engine.step()
+        return norms
+
+
+def _video_ranges(start: int, numel: int, per_video: int, num_videos: int) -> Iterator[tuple[int, int, int]]:
+    """(video, a, b): the elements [a, b) of a piece holding flat elements [start, start + numel) of a (K, ...)
+    parameter whose video k owns [k * per_video, (k + 1) * per_video)."""
+    for k in range(num_videos):
+        lo, hi = max(start, k * per_video), min(start + numel, (k + 1) * per_video)
+        if lo < hi:
+            yield k, lo - start, hi - start
+
+
+def _local_grad_pieces(param: nn.Parameter, stage: int) -> list[tuple[torch.Tensor, int, int, Callable | None]]:
+    """(flat gradient elements this rank holds, their first index in the flattened parameter, elements per video,
+    what writes them back or None when they are scaled in place) of a packed (K, ...) parameter, right after
+    engine.backward: stage 0 the whole averaged gradient, stage 1-2 this rank's fragment (DeepSpeed's
+    `_hp_mapping`), stage 3 its local partition without the padding (handed out as a copy, written back)."""
+    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 leaves an empty placeholder in the module
+    per_video = math.prod(shape[1:])
+    if stage == 0:
+        return [] if param.grad is None else [(param.grad.view(-1), 0, per_video, None)]
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        local = safe_get_local_grad(param)
+        if local is None:
+            return []
+        start = torch.distributed.get_rank(param.ds_process_group) * param.ds_tensor.numel()
+        piece = local.view(-1)[:max(0, min(local.numel(), param.ds_numel - start))]
+        return [(piece, start, per_video, lambda: safe_set_local_grad(param, local))]
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return []  # no element of this parameter is in this rank's partition
+    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).view(-1)
+    address = mapping.lp_fragment_address
+    if fragment.numel() == param.numel() and address.numel != param.numel():  # a whole-size buffer
+        fragment = fragment.narrow(0, address.start, address.numel)
+    return [(fragment, address.start, per_video, None)]
