@@ -34,7 +34,7 @@ def _run(videos: Path, out: Path, pack: str, model: str = "tiny-random", **train
     cfg = RunConfig(data=DataConfig(videos=str(videos)), model=ModelConfig(model_id=model),
                     train=TrainConfig(**{**RECIPE, **train_options}),
                     parallel=ParallelConfig(pack=pack), prompt="a square moving", out_dir=str(out),
-                    cache_dir=str(out.parent / "cache"))
+                    cache_dir=str(out.parent / "cache"), adapter_dtype="fp32")  # exact tensors, compared at 1e-5
     summary = train(cfg)
     return {Path(e["video"]).name: e for e in summary.entries}
 
@@ -60,6 +60,21 @@ def test_packed_equals_one_at_a_time(model, tmp_path):
         for name in alone:
             assert _max_difference(packed[name], alone[name]) < 1e-5, (pack, name)
             assert all(packed[name][k].shape == alone[name][k].shape for k in alone[name])
+
+
+def test_each_video_of_a_pack_writes_its_own_metrics_as_if_tuned_alone(tmp_path):
+    from vmc_fast.runs.metrics import metrics_path, read_metrics
+
+    videos = _videos(tmp_path / "videos")
+    runs = {pack: _run(videos, tmp_path / f"k{pack}", pack) for pack in ("1", "2")}
+    curves = {pack: {name: read_metrics(metrics_path(tmp_path / f"k{pack}", e["adapter_name"]))
+                     for name, e in entries.items()} for pack, entries in runs.items()}
+    for name in curves["1"]:
+        alone, packed = curves["1"][name], curves["2"][name]
+        assert [r["step"] for r in packed] == [1, 2, 3] and all(r["lr"] == RECIPE["learning_rate"] for r in packed)
+        for key in ("loss", "grad_norm"):
+            assert [r[key] for r in packed] == pytest.approx([r[key] for r in alone], rel=1e-5, abs=1e-7), (name, key)
+    assert curves["2"]["v0.mp4"][0]["loss"] != curves["2"]["v1.mp4"][0]["loss"]  # not the pack's mean
 
 
 def test_a_video_draws_the_same_in_any_position(tmp_path):
@@ -186,3 +201,9 @@ def test_one_adamw_over_packed_tensors_moves_each_slice_as_its_own_adamw_would()
     for k in range(3):
         for p, a in zip(packed, alone[k]):
             torch.testing.assert_close(p.detach()[k], a.detach(), rtol=0, atol=1e-7)
+
+
+def test_pack_with_a_lora_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match=r"--pack: 2 does not combine with --lora-rank yet.*--pack 1"):
+        RunConfig(model=ModelConfig(model_id="tiny-random", lora_rank=4), parallel=ParallelConfig(pack="2"))
+    RunConfig(model=ModelConfig(model_id="tiny-random", lora_rank=4), parallel=ParallelConfig(pack="1"))

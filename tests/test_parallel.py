@@ -33,7 +33,8 @@ def _train(tmp_path: Path, *extra: str, gpus: int = 2, env: dict | None = None
     out = tmp_path / "out"
     env = {**os.environ, "VMC_FAST_CACHE": str(tmp_path / "cache"), **(env or {})}
     command = [sys.executable, "-m", "vmc_fast.cli", "train", "--videos", str(_library(tmp_path)), "--prompt",
-               "a square moving", "--out", str(out), "--steps", "3", "--gpus", str(gpus), "--json", *extra]
+               "a square moving", "--out", str(out), "--steps", "3", "--gpus", str(gpus), "--json",
+               "--adapter-dtype", "fp32", *extra]  # exact tensors: tests compare them across runs
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900), out
 
 
