@@ -216,32 +216,27 @@ def run_presets(names: list[str], options: BenchOptions, results_dir: Path | Non
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         raise ValueError(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
-    records, failures = [], []
-    for name in names:
-        record, failure = _run_isolated(PRESETS[name], options, timeout_s)
-        if failure is not None:
-            failures.append(failure)
-            if on_failure is not None:
-                on_failure(failure)
-            continue
-        record = {**record, **_provenance(options)}
-        if results_dir is not None:
-            append_record(record, results_dir)
-        records.append(record)
-        if on_result is not None:
-            on_result(record)
-    return records, failures
+    return _collect([(PRESETS[name], options, name) for name in names], options, results_dir, on_result, timeout_s,
+                    on_failure)
 
 
 def run_packs(name: str, sizes: list[int], options: BenchOptions, results_dir: Path | None, on_result=None,
               timeout_s: float | None = None, on_failure=None) -> tuple[list[dict], list[PresetFailure]]:
     """`run_presets` for one preset at each pack size: a fresh process per size, records with ``pack`` and
     ``videos_per_hour``."""
+    runs = [(PRESETS[name], dataclasses.replace(options, pack=size), f"{name} --pack {size}") for size in sizes]
+    return _collect(runs, options, results_dir, on_result, timeout_s, on_failure)
+
+
+def _collect(runs: list[tuple[Preset, BenchOptions, str]], options: BenchOptions, results_dir: Path | None,
+             on_result, timeout_s: float | None, on_failure) -> tuple[list[dict], list[PresetFailure]]:
+    """Each (preset, options, label) in a fresh process; records get provenance and are appended to the results
+    file as they come; a failure is named by its label."""
     records, failures = [], []
-    for size in sizes:
-        record, failure = _run_isolated(PRESETS[name], dataclasses.replace(options, pack=size), timeout_s)
+    for preset, run_options, label in runs:
+        record, failure = _run_isolated(preset, run_options, timeout_s)
         if failure is not None:
-            failure = dataclasses.replace(failure, name=f"{name} --pack {size}")
+            failure = dataclasses.replace(failure, name=label)
             failures.append(failure)
             if on_failure is not None:
                 on_failure(failure)

@@ -248,24 +248,26 @@ def _check_finite_weights(unet: nn.Module, cfg: TrainConfig, device) -> None:
 def vmc_loss(unet: nn.Module, clip: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
              text_states: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """Noise the clip at timestep t (B,), predict the noise, and score it with the configured loss."""
-    a = abar[t].reshape(-1, 1, 1, 1, 1)
-    noisy = a.sqrt() * clip + (1 - a).sqrt() * noise
-    with autocast(cfg.precision, device=clip.device):
-        output = unet(noisy, t, text_states)
-    eps_pred = output.sample if hasattr(output, "sample") else output
-    weight = ((1 - a) / a).reshape(-1) if cfg.loss_weight == "snr" else None  # eq. 16's weight
+    eps_pred, weight = _predict(unet, clip, noise, t, abar, text_states, cfg)
     return motion_distillation_loss(eps_pred, noise, kind=cfg.loss, stride=cfg.loss_stride, weight=weight)
 
 
-def vmc_losses(unet: nn.Module, clips: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
-               text_states: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """`vmc_loss` of each sample on its own, from one forward of the whole batch: (B,) float32."""
+def _predict(unet: nn.Module, clips: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+             text_states: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the UNet's noise prediction for the clips (B, C, F, H, W) noised at t (B,), the per-sample loss weight:
+    (1 - abar_t) / abar_t with --loss-weight snr (eq. 16's weight), else None)."""
     a = abar[t].reshape(-1, 1, 1, 1, 1)
     noisy = a.sqrt() * clips + (1 - a).sqrt() * noise
     with autocast(cfg.precision, device=clips.device):
         output = unet(noisy, t, text_states)
     eps_pred = output.sample if hasattr(output, "sample") else output
-    weight = ((1 - a) / a).reshape(-1) if cfg.loss_weight == "snr" else None
+    return eps_pred, ((1 - a) / a).reshape(-1) if cfg.loss_weight == "snr" else None
+
+
+def vmc_losses(unet: nn.Module, clips: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+               text_states: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """`vmc_loss` of each sample on its own, from one forward of the whole batch: (B,) float32."""
+    eps_pred, weight = _predict(unet, clips, noise, t, abar, text_states, cfg)
     return torch.stack([
         motion_distillation_loss(eps_pred[k:k + 1], noise[k:k + 1], kind=cfg.loss, stride=cfg.loss_stride,
                                  weight=None if weight is None else weight[k:k + 1])
