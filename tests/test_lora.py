@@ -321,8 +321,8 @@ def test_lora_options_resolve_alpha_to_the_rank():
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lora_under_zero_on_two_cpu_ranks(stage, tmp_path, monkeypatch):
-    """Both ranks start from the same factors (drawn from the run's seed, not the rank's), so resetting them
-    between videos gives c (the same clip as a) exactly a's adapter; ZeRO-3 partitions even these small factors."""
+    """Both ranks start from the same factors (drawn from the run's seed, not the rank's) and write whole factors;
+    ZeRO-3 partitions even these small factors."""
     from test_parallel import _entries, _train
 
     # The ranks run `python -m vmc_fast.cli` from the working directory, which is then on sys.path: from the
@@ -339,7 +339,9 @@ def test_lora_under_zero_on_two_cpu_ranks(stage, tmp_path, monkeypatch):
     a, b, c = (load_file(out / "adapters" / f"{n}.safetensors") for n in "abc")
     assert all(re.search(r"\.lora_[AB]\.weight$", k) for k in a)
     assert all(a[k].shape[0 if ".lora_A." in k else 1] == 4 for k in a)  # whole factors, not partitions
-    assert all(torch.equal(a[k], c[k]) for k in a)  # reset between videos: c (the same clip as a) repeats a
+    # c is a's clip under another name: it draws its own timesteps and noise (seeded by its name), so it differs;
+    # that every video starts from the same factors is tested in one session (a, b, a) above.
+    assert not all(torch.equal(a[k], c[k]) for k in a)
     assert not all(torch.equal(a[k], b[k]) for k in a)
     assert any(a[k].abs().max() > 0 for k in a if ".lora_B." in k)  # trained
     with safe_open(str(out / "adapters" / "a.safetensors"), "pt") as handle:

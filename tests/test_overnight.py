@@ -44,6 +44,11 @@ def _save(unet, path, tuned, base_values, dtype: str, **extra):
 
 
 @pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
+
+def _finished_adapters(out: Path) -> list[Path]:
+    """Adapter files in place; a temporary one being written (``.NAME.*.tmp.safetensors``) is not one yet."""
+    return [p for p in (out / "adapters").glob("*.safetensors") if not p.name.startswith(".")]
+
 def test_a_bf16_delta_adapter_applies_within_its_recorded_error(tmp_path, model_id):
     unet = load_backbone(model_id).unet
     base, tuned = _tuned(unet)
@@ -188,7 +193,7 @@ def test_sigkill_mid_run_then_a_rerun_finishes_rewrites_nothing_and_leaves_no_te
                                stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # not the repository's root
     try:
         deadline = time.monotonic() + 600
-        while not list((out / "adapters").glob("*.safetensors")) and process.poll() is None:
+        while not list(_finished_adapters(out)) and process.poll() is None:
             assert time.monotonic() < deadline, "no adapter within 10 minutes"
             time.sleep(0.05)
         assert process.poll() is None, process.stderr.read()[-3000:]
@@ -204,7 +209,7 @@ def test_sigkill_mid_run_then_a_rerun_finishes_rewrites_nothing_and_leaves_no_te
         if process.poll() is None:
             process.kill()
             process.wait()
-    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "adapters").glob("*.safetensors")}
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _finished_adapters(out)}
     assert 1 <= len(finished) < 4
     # What a kill mid-write leaves: temporary files nobody holds (here planted, as a kill can leave them).
     stale = [out / "adapters" / ".clip3.k1ll3d00.tmp.safetensors", cache / "prompt-embeddings" / ".x.k1ll3d00.tmp"]
@@ -217,7 +222,7 @@ def test_sigkill_mid_run_then_a_rerun_finishes_rewrites_nothing_and_leaves_no_te
     assert "already done" in rerun.output
     entries = _entries(out)
     assert sorted(e["status"] for e in entries.values()) == ["done"] * 4
-    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "adapters").glob("*.safetensors")}
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _finished_adapters(out)}
     assert len(after) == 4 and all(after[name] == stamp for name, stamp in finished.items())  # never rewritten
     assert _leftovers(out, cache) == []
 
@@ -314,7 +319,7 @@ def test_killing_the_launcher_of_two_ranks_stops_them_and_a_rerun_finishes(tmp_p
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 900
-        while not list((out / "adapters").glob("*.safetensors")) and process.poll() is None:
+        while not list(_finished_adapters(out)) and process.poll() is None:
             assert time.monotonic() < deadline, "no adapter within 15 minutes"
             time.sleep(0.05)
         assert process.poll() is None
@@ -336,10 +341,10 @@ def test_killing_the_launcher_of_two_ranks_stops_them_and_a_rerun_finishes(tmp_p
         except LockHeld:
             assert time.monotonic() < deadline, "the ranks outlived their launcher by 2 minutes"
             time.sleep(0.5)
-    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "adapters").glob("*.safetensors")}
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _finished_adapters(out)}
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert sorted(e["status"] for e in _entries(out).values()) == ["done"] * 4
-    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "adapters").glob("*.safetensors")}
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _finished_adapters(out)}
     assert all(after[name] == stamp for name, stamp in finished.items())
     assert _leftovers(out, cache) == []
