@@ -508,7 +508,7 @@ def _demo(cfg, console: Console) -> None:
     except (VmcError, ValueError) as exc:
         _fail(str(exc), console)
     console.print(scores_table(result["samples"], title=f"tuned on {result['prompt']!r}"))
-    console.print(f"[green]wrote[/] {result['gif']} (reference, then each new appearance), {result['adapter']}, "
+    console.print(f"[green]wrote[/] {result['gif']} (reference, then per look untuned and tuned, from noise and from inversion), {result['adapter']}, "
                   f"{result['json']}")
 
 
