@@ -43,12 +43,12 @@ def _save(unet, path, tuned, base_values, dtype: str, **extra):
                         num_frames=8, height=32, width=32, base_tensors=base_values, dtype=dtype, extra=extra)
 
 
-@pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
-
 def _finished_adapters(out: Path) -> list[Path]:
     """Adapter files in place; a temporary one being written (``.NAME.*.tmp.safetensors``) is not one yet."""
     return [p for p in (out / "adapters").glob("*.safetensors") if not p.name.startswith(".")]
 
+
+@pytest.mark.parametrize("model_id", ["tiny-random", "show1-tiny-random"])
 def test_a_bf16_delta_adapter_applies_within_its_recorded_error(tmp_path, model_id):
     unet = load_backbone(model_id).unet
     base, tuned = _tuned(unet)
