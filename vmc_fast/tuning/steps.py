@@ -270,10 +270,13 @@ class ZeroStepFactory:
         self.ranks = ranks = self.ranks or RankAgreement()
         with ranks.collective():  # initialize broadcasts and partitions; resetting ZeRO-3 gathers
             if self.step is None:
-                self.step = DeepSpeedStep(unet, params, self.cfg, ranks)
+                self.step = self._new_step(unet, params, ranks)
             else:
                 self.step.reset(params)
         return self.step
+
+    def _new_step(self, unet: nn.Module, params: list[nn.Parameter], ranks: RankAgreement) -> "DeepSpeedStep":
+        return DeepSpeedStep(unet, params, self.cfg, ranks)
 
 
 class DeepSpeedStep:
@@ -382,22 +385,11 @@ def _local_partition(param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- DeepSpeed packs
 
 
-class ZeroPackStepFactory:
+class ZeroPackStepFactory(ZeroStepFactory):
     """`ZeroStepFactory` for packs: one `DeepSpeedPackStep` per session, reset between packs."""
 
-    def __init__(self, cfg: RunConfig, ranks: RankAgreement | None = None):
-        self.cfg = cfg
-        self.ranks = ranks
-        self.step: DeepSpeedPackStep | None = None
-
-    def __call__(self, unet: nn.Module, params: list[nn.Parameter]) -> "DeepSpeedPackStep":
-        self.ranks = ranks = self.ranks or RankAgreement()
-        with ranks.collective():
-            if self.step is None:
-                self.step = DeepSpeedPackStep(unet, params, self.cfg, ranks)
-            else:
-                self.step.reset(params)
-        return self.step
+    def _new_step(self, unet: nn.Module, params: list[nn.Parameter], ranks: RankAgreement) -> "DeepSpeedPackStep":
+        return DeepSpeedPackStep(unet, params, self.cfg, ranks)
 
 
 class DeepSpeedPackStep(DeepSpeedStep):
