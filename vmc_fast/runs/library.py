@@ -331,7 +331,7 @@ def adapter_names(videos: list[Path], entries: dict[str, dict]) -> dict[Path, st
     name) unless another video of the run has the same stem, else its whole name with dots as underscores
     (``bird_mp4``); then ``_2``, ``_3``, ... until no video of the run or of the manifest uses it.
     """
-    recorded = {video: _recorded_name(entry) for video, entry in entries.items()}
+    recorded = {video: recorded_name(entry) for video, entry in entries.items()}
     taken = {name.casefold() for name in recorded.values() if name}
     names: dict[Path, str] = {}
     kept: set[str] = set()
@@ -356,7 +356,8 @@ def _stem(video: Path) -> str:
     return video.name if video.is_dir() else video.stem
 
 
-def _recorded_name(entry: dict) -> str | None:
+def recorded_name(entry: dict) -> str | None:
+    """The adapter's name (file stem) a manifest entry records; None before it has one."""
     if entry.get("adapter_name"):
         return entry["adapter_name"]
     return Path(entry["adapter"]).stem if entry.get("adapter") else None  # manifests written before names were

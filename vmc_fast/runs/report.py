@@ -21,7 +21,7 @@ import torch
 
 from vmc_fast.errors import VmcError
 from vmc_fast.io.files import write_text_atomic
-from vmc_fast.runs.library import MANIFEST, Manifest, RunSummary, strict_json
+from vmc_fast.runs.library import MANIFEST, Manifest, RunSummary, recorded_name, strict_json
 from vmc_fast.runs.metrics import metrics_path, read_metrics
 
 REPORT = "report.html"
@@ -48,19 +48,12 @@ def library_json(out_dir: Path) -> str:
     summary = read_library(out_dir)
     videos = []
     for entry in summary.entries:
-        name = adapter_name(entry)
+        name = recorded_name(entry)
         path = metrics_path(summary.out_dir, name) if name else None
         videos.append({**entry, "adapter_name": name,
                        "metrics": str(path) if path is not None and path.is_file() else None})
     return strict_json({"out_dir": str(summary.out_dir), "ok": summary.ok, "counts": summary.counts,
                         "videos": videos})
-
-
-def adapter_name(entry: dict) -> str | None:
-    """The adapter's name (file stem) a manifest entry records."""
-    if entry.get("adapter_name"):
-        return entry["adapter_name"]
-    return Path(entry["adapter"]).stem if entry.get("adapter") else None
 
 
 # --------------------------------------------------------------------------------------------- cards
@@ -90,7 +83,7 @@ def cards(summary: RunSummary) -> list[Card]:
     """One card per manifest entry, with its loss curve read from its metrics file."""
     result = []
     for entry in summary.entries:
-        name = adapter_name(entry)
+        name = recorded_name(entry)
         try:
             records = read_metrics(metrics_path(summary.out_dir, name)) if name else []
         except ValueError:  # a damaged metrics file costs the curve, never the report
@@ -209,7 +202,7 @@ def render_card(card: Card) -> str:
              ("final loss", _number(e.get("final_loss"))), ("steps", e.get("steps")),
              ("adapter", e.get("adapter")), ("video", e.get("video"))]
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts if v not in (None, ""))
-    parts = [f"<div class=\"card {_e(status)}\" id=\"{_e(adapter_name(e) or card.name)}\">",
+    parts = [f"<div class=\"card {_e(status)}\" id=\"{_e(recorded_name(e) or card.name)}\">",
              f"<h2>{_e(card.name)}</h2><span class=\"status\">{_e(status)}</span>", f"<dl>{rows}</dl>"]
     if status == "failed":
         parts.append(f"<div class=\"error\">{_e(e.get('error', 'failed without a recorded reason'))}</div>")
